@@ -1,0 +1,1 @@
+"""Grounding DINO (arXiv 2303.05499) in pure PyTorch."""

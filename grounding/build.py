@@ -1,0 +1,81 @@
+"""Factories: a ready `Detector` from an official `.pth`, a transformers directory, or the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from grounding import hub
+from grounding.checkpoint import load_official, load_transformers, read_transformers_config
+from grounding.config import PRESETS, GroundingDINOConfig
+from grounding.model import build_model
+from grounding.predictor import Detector
+
+_BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",
+              "layer_norm_eps", "pad_token_id")
+
+
+def load_detector(checkpoint: str | os.PathLike | None = None, *,
+                  config: str | GroundingDINOConfig = "swint_ogc",
+                  text_encoder: str | os.PathLike | None = None,
+                  device: str | torch.device | None = None) -> Detector:
+    """A Grounding DINO detector with loaded weights, in eval mode, on `device`.
+
+    Args:
+        checkpoint: an official `.pth`; a transformers-format directory (`config.json` +
+            `model.safetensors`, which then defines the architecture); or None for
+            `$GROUNDING_DINO_CHECKPOINT`, else the official file for `config` from the Hub.
+        config: "swint_ogc", "swinb_cogcoor" or a `GroundingDINOConfig` (for `.pth` files).
+        text_encoder: a directory with BERT's config.json and vocab.txt, or a Hub id; default
+            the transformers directory itself, else `$GROUNDING_DINO_TEXT_ENCODER`, else
+            `bert-base-uncased`. Only the tokenizer and the architecture come from it: the BERT
+            weights are inside the checkpoint.
+        device: default CUDA when available, else CPU.
+
+    Raises:
+        FileNotFoundError: a named file is missing (`hub.OfflineError` when offline).
+        KeyMappingError: the checkpoint does not fit the architecture (names the keys).
+    """
+    from transformers import BertTokenizer
+
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        directory = Path(checkpoint)
+        model_config = read_transformers_config(directory)
+        tokenizer_dir = hub.text_encoder_dir(text_encoder or directory)
+        model = build_model(model_config)
+        load_transformers(model, directory)
+    else:
+        model_config = PRESETS[config]() if isinstance(config, str) and config in PRESETS \
+            else config
+        if not isinstance(model_config, GroundingDINOConfig):
+            raise ValueError(f"unknown config {config!r}; choose one of {sorted(PRESETS)} "
+                             "or pass a GroundingDINOConfig")
+        if checkpoint is None:
+            if not isinstance(config, str):
+                raise ValueError("a custom config has no official checkpoint: pass checkpoint=")
+            checkpoint = hub.official_checkpoint(config)
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        tokenizer_dir = hub.text_encoder_dir(text_encoder)
+        model_config = _with_text_architecture(model_config, tokenizer_dir)
+        model = build_model(model_config)
+        load_official(model, checkpoint)
+    tokenizer = BertTokenizer.from_pretrained(str(tokenizer_dir), do_lower_case=True)
+    return Detector(model, tokenizer, device=device)
+
+
+def _with_text_architecture(config: GroundingDINOConfig, directory: Path) -> GroundingDINOConfig:
+    """`config` with BERT's architecture read from `directory/config.json`, when it has one."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return config
+    with open(path, encoding="utf-8") as handle:
+        bert = json.load(handle)
+    text = {key: bert[key] for key in _BERT_KEYS if key in bert}
+    from dataclasses import replace
+
+    return replace(config, text=text)

@@ -1,0 +1,156 @@
+"""Hyper-parameters of Grounding DINO (paper §3; reference `GroundingDINO_SwinT_OGC.py`).
+
+Only knobs that change the architecture live here. Sizes the reference derives from others (the text
+enhancer's and the fusion block's widths and heads) are properties, so a config cannot contradict
+the checkpoint layout. Defaults reproduce Swin-T OGC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """The Swin image backbone (timm), and which stages feed the detector."""
+
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    patch_size: int = 4
+    mlp_ratio: float = 4.0
+    # 0-based stage indices whose outputs (after our own LayerNorm) feed the detector.
+    out_indices: tuple[int, ...] = (1, 2, 3)
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        return tuple(self.stage_channels[i] for i in self.out_indices)
+
+
+@dataclass(frozen=True)
+class GroundingDINOConfig:
+    """The whole detector.
+
+    `text` holds `transformers.BertConfig` keyword arguments ({} = bert-base-uncased).
+    """
+
+    backbone: SwinConfig = field(default_factory=SwinConfig)
+    text: dict[str, Any] = field(default_factory=dict)
+    hidden_dim: int = 256
+    num_queries: int = 900
+    num_feature_levels: int = 4
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_heads: int = 8
+    decoder_heads: int = 8
+    encoder_ffn_dim: int = 2048
+    decoder_ffn_dim: int = 2048
+    encoder_points: int = 4
+    decoder_points: int = 4
+    max_text_len: int = 256
+    # The official config sets pe_temperatureH/W = 20 for the image levels (not DETR's 10000).
+    position_temperature: float = 20.0
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def text_hidden_size(self) -> int:
+        return int(self.text.get("hidden_size", 768))
+
+    @property
+    def text_enhancer_heads(self) -> int:
+        return self.encoder_heads // 2
+
+    @property
+    def text_enhancer_ffn_dim(self) -> int:
+        return self.encoder_ffn_dim // 2
+
+    @property
+    def fusion_heads(self) -> int:
+        return self.encoder_heads // 2
+
+    @property
+    def fusion_dim(self) -> int:
+        return self.encoder_ffn_dim // 2
+
+
+def swint_ogc() -> GroundingDINOConfig:
+    """Swin-T backbone, the `groundingdino_swint_ogc.pth` checkpoint."""
+    return GroundingDINOConfig()
+
+
+def swinb_cogcoor() -> GroundingDINOConfig:
+    """Swin-B (window 12), the `groundingdino_swinb_cogcoor.pth` checkpoint."""
+    return GroundingDINOConfig(
+        backbone=SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                            window_size=12)
+    )
+
+
+PRESETS = {"swint_ogc": swint_ogc, "swinb_cogcoor": swinb_cogcoor}
+
+
+def from_transformers_config(config: dict[str, Any]) -> GroundingDINOConfig:
+    """Our config from a transformers `GroundingDinoConfig` (its `config.json` as a dict).
+
+    Raises:
+        ValueError: for settings this implementation does not support (they would silently
+            change the architecture otherwise).
+    """
+    unsupported = {
+        "two_stage": True, "embedding_init_target": True, "decoder_bbox_embed_share": True,
+        "two_stage_bbox_embed_share": False, "query_dim": 4, "position_embedding_type": "sine",
+        "activation_function": "relu",
+    }
+    for key, expected in unsupported.items():
+        if config.get(key, expected) != expected:
+            raise ValueError(f"unsupported transformers config: {key}={config[key]!r} "
+                             f"(only {expected!r} is implemented)")
+    swin = dict(config.get("backbone_config") or {})
+    if swin.get("model_type", "swin") != "swin":
+        raise ValueError(f"unsupported backbone {swin.get('model_type')!r}: "
+                         "only Swin is implemented")
+    # transformers counts the patch embedding as stage 0, so its out_indices are ours + 1.
+    out_indices = tuple(i - 1 for i in swin.get("out_indices", [2, 3, 4]))
+    backbone = SwinConfig(
+        embed_dim=swin.get("embed_dim", 96),
+        depths=tuple(swin.get("depths", (2, 2, 6, 2))),
+        num_heads=tuple(swin.get("num_heads", (3, 6, 12, 24))),
+        window_size=swin.get("window_size", 7),
+        patch_size=swin.get("patch_size", 4),
+        mlp_ratio=swin.get("mlp_ratio", 4.0),
+        out_indices=out_indices,
+        layer_norm_eps=swin.get("layer_norm_eps", 1e-5),
+    )
+    text = {k: v for k, v in (config.get("text_config") or {}).items()
+            if k in _BERT_ARCHITECTURE_KEYS}
+    return GroundingDINOConfig(
+        backbone=backbone,
+        text=text,
+        hidden_dim=config.get("d_model", 256),
+        num_queries=config.get("num_queries", 900),
+        num_feature_levels=config.get("num_feature_levels", 4),
+        encoder_layers=config.get("encoder_layers", 6),
+        decoder_layers=config.get("decoder_layers", 6),
+        encoder_heads=config.get("encoder_attention_heads", 8),
+        decoder_heads=config.get("decoder_attention_heads", 8),
+        encoder_ffn_dim=config.get("encoder_ffn_dim", 2048),
+        decoder_ffn_dim=config.get("decoder_ffn_dim", 2048),
+        encoder_points=config.get("encoder_n_points", 4),
+        decoder_points=config.get("decoder_n_points", 4),
+        max_text_len=config.get("max_text_len", 256),
+        position_temperature=float(config.get("positional_embedding_temperature", 20)),
+        layer_norm_eps=config.get("layer_norm_eps", 1e-5),
+    )
+
+
+_BERT_ARCHITECTURE_KEYS = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id",
+}

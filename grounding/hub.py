@@ -1,0 +1,110 @@
+"""Fetching weights and tokenizer files from the Hugging Face Hub (cached, with progress).
+
+Every lookup tries the local cache first. When a file is not cached and the Hub cannot be reached
+(`HF_HUB_OFFLINE=1`, or no route to the endpoint), it fails at once with a message naming the file
+and how to supply it, instead of after huggingface_hub's minute of retries.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+OFFICIAL_REPO = "ShilongLiu/GroundingDINO"
+OFFICIAL_FILES = {
+    "swint_ogc": "groundingdino_swint_ogc.pth",
+    "swinb_cogcoor": "groundingdino_swinb_cogcoor.pth",
+}
+TEXT_ENCODER_REPO = "bert-base-uncased"
+TEXT_ENCODER_FILES = ("config.json", "vocab.txt", "tokenizer_config.json")
+CHECKPOINT_ENV = "GROUNDING_DINO_CHECKPOINT"
+TEXT_ENCODER_ENV = "GROUNDING_DINO_TEXT_ENCODER"
+
+
+class OfflineError(FileNotFoundError):
+    """A needed file is neither cached nor downloadable."""
+
+
+def hub_file(repo_id: str, filename: str, *, how_to_supply: str, optional: bool = False,
+             ) -> Path | None:
+    """The local path of `repo_id/filename`, from the cache or downloaded into it.
+
+    Args:
+        how_to_supply: the sentence that tells the user how to provide the file themselves.
+        optional: return None instead of raising when the repository has no such file.
+
+    Raises:
+        OfflineError: not cached and the Hub is unreachable.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    cached = try_to_load_from_cache(repo_id, filename)
+    if isinstance(cached, str):
+        return Path(cached)
+    if not hub_reachable():
+        if optional:
+            return None
+        raise OfflineError(
+            f"{filename} from the Hugging Face Hub repository {repo_id} is not in the local cache "
+            f"and the Hub cannot be reached. {how_to_supply}")
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except LocalEntryNotFoundError as error:
+        raise OfflineError(f"could not download {filename} from {repo_id}: {error}. "
+                           f"{how_to_supply}") from error
+    except EntryNotFoundError:
+        if optional:
+            return None
+        raise
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or the Hub endpoint does not accept a connection."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def official_checkpoint(preset: str) -> Path:
+    """The official `.pth` for a preset: `$GROUNDING_DINO_CHECKPOINT`, else the Hub."""
+    if preset not in OFFICIAL_FILES:
+        raise ValueError(f"no official checkpoint for config {preset!r}; "
+                         f"choose one of {sorted(OFFICIAL_FILES)} or pass checkpoint=")
+    if os.environ.get(CHECKPOINT_ENV):
+        return Path(os.environ[CHECKPOINT_ENV])
+    filename = OFFICIAL_FILES[preset]
+    return hub_file(OFFICIAL_REPO, filename, how_to_supply=(
+        f"Download {filename} from https://huggingface.co/{OFFICIAL_REPO} on a connected machine "
+        f"and pass its path as checkpoint= (or --checkpoint), or set {CHECKPOINT_ENV}."))
+
+
+def text_encoder_dir(text_encoder: str | os.PathLike | None) -> Path:
+    """A directory with BERT's `config.json` and `vocab.txt`.
+
+    `text_encoder` is a local directory, a Hub id, or None for `$GROUNDING_DINO_TEXT_ENCODER`
+    or else `bert-base-uncased`.
+    """
+    source = text_encoder or os.environ.get(TEXT_ENCODER_ENV) or TEXT_ENCODER_REPO
+    if Path(source).is_dir():
+        directory = Path(source)
+        if not any((directory / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
+            raise FileNotFoundError(f"{directory} has no vocab.txt or tokenizer.json "
+                                    "(the BERT WordPiece vocabulary)")
+        return directory
+    how = (f"Put config.json and vocab.txt of {source} in a directory and pass it as "
+           f"text_encoder= (or --text-encoder), or set {TEXT_ENCODER_ENV}.")
+    paths = [hub_file(str(source), name, how_to_supply=how,
+                      optional=name == "tokenizer_config.json")
+             for name in TEXT_ENCODER_FILES]
+    return paths[1].parent

@@ -1,0 +1,78 @@
+"""Builders shared by the integration tests: tiny transformers models and official-layout files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.conftest import DATA_DIR, VOCAB_FILE
+
+
+def tiny_transformers_config(**overrides):
+    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+
+    swin = SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=7,
+                      out_indices=[2, 3, 4])
+    bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, vocab_size=30522)
+    settings = dict(backbone_config=swin, text_config=bert, d_model=32, encoder_layers=2,
+                    decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                    encoder_attention_heads=4, decoder_attention_heads=4, num_queries=30)
+    settings.update(overrides)
+    return GroundingDinoConfig(**settings)
+
+
+def random_transformers_model(config, seed: int = 0):
+    """transformers' GroundingDinoForObjectDetection with every parameter perturbed.
+
+    Its own init zeroes some layers (the last box layer, for one); noise on everything makes the
+    comparison exercise every weight.
+    """
+    from transformers import GroundingDinoForObjectDetection
+
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model
+
+
+def save_transformers_directory(model, directory: Path) -> Path:
+    """`save_pretrained` the model with a tokenizer built from the shipped vocabulary."""
+    from transformers import BertTokenizer
+
+    model.save_pretrained(directory)
+    BertTokenizer(vocab=str(VOCAB_FILE), do_lower_case=True).save_pretrained(directory)
+    return directory
+
+
+def official_key_list(name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, dtype) of every entry of an official checkpoint, from tests/data."""
+    entries = []
+    for line in (DATA_DIR / name).read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, shape, dtype, _ = line.split("\t")
+        dims = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+        entries.append((key, dims, dtype))
+    return entries
+
+
+def pseudo_random_official_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict in exactly the official layout, with the shared box head's aliases equal."""
+    generator = torch.Generator().manual_seed(seed)
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, shape, dtype in official_key_list(name):
+        if dtype == "int64":
+            state_dict[key] = torch.randint(0, 10, shape, generator=generator)
+        else:
+            state_dict[key] = torch.randn(shape, generator=generator) * 0.02
+    # One box head shared by all decoder layers: all 12 names hold the same tensors.
+    for key in list(state_dict):
+        for prefix in ("bbox_embed.", "transformer.decoder.bbox_embed."):
+            if key.startswith(prefix):
+                _, rest = key[len(prefix):].split(".", 1)
+                state_dict[key] = state_dict["bbox_embed.0." + rest]
+    return state_dict

@@ -1,0 +1,93 @@
+"""Official `.pth` layout: pseudo-random checkpoints made from the key lists load strictly."""
+
+import pytest
+import torch
+
+from grounding.checkpoint import load_official
+from grounding.config import swinb_cogcoor, swint_ogc
+from grounding.key_mapping import KeyMappingError
+from grounding.model import build_model
+from tests.helpers import pseudo_random_official_state_dict
+
+CASES = {
+    # SwinT-OGC is saved from DDP: every key starts with "module."; SwinB's keys do not.
+    "swint": (swint_ogc, "gdino_swint_ogc_keys.txt", "module."),
+    "swinb": (swinb_cogcoor, "gdino_swinb_keys.txt", ""),
+}
+
+
+def save_official(path, state_dict, prefix=""):
+    torch.save({"model": {prefix + key: value for key, value in state_dict.items()}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {case: build_model(make_config()) for case, (make_config, _, _) in CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def swint_model(models):
+    return models["swint"]
+
+
+@pytest.fixture(scope="module")
+def official():
+    """Pseudo-random state dicts in the official layouts (made once: they are large)."""
+    return {case: pseudo_random_official_state_dict(key_file)
+            for case, (_, key_file, _) in CASES.items()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_official_layout_loads_strictly_and_fills_every_parameter(case, tmp_path, models,
+                                                                  official):
+    _, _, prefix = CASES[case]
+    model = models[case]
+    state_dict = dict(official[case])
+    # Older transformers persisted this buffer; the official files may carry it.
+    state_dict["bert.embeddings.position_ids"] = torch.arange(512)[None]
+    report = load_official(model, save_official(tmp_path / "official.pth", state_dict, prefix))
+    assert report["checkpoint_keys"] == len(state_dict)
+    ours = model.state_dict()
+    assert torch.equal(ours["level_embed"], state_dict["transformer.level_embed"])
+    assert torch.equal(ours["text_backbone.projection.weight"], state_dict["feat_map.weight"])
+    assert torch.equal(ours["bbox_embed.layers.2.weight"],
+                       state_dict["bbox_embed.5.layers.2.weight"])
+    assert torch.equal(ours["backbone.swin.patch_embed.proj.weight"],
+                       state_dict["backbone.0.patch_embed.proj.weight"])
+    # Every tensor of the model came from the checkpoint.
+    assert report["loaded_tensors"] == len(ours)
+
+
+@pytest.mark.parametrize("kept", ["bbox_embed.", "transformer.decoder.bbox_embed."])
+def test_box_head_under_either_name(kept, tmp_path, swint_model, official):
+    state_dict = official["swint"]
+    dropped = "transformer.decoder.bbox_embed." if kept == "bbox_embed." else "bbox_embed."
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
+    load_official(swint_model, save_official(tmp_path / "head.pth", state_dict))
+    assert torch.equal(swint_model.state_dict()["bbox_embed.layers.0.bias"],
+                       state_dict[kept + "0.layers.0.bias"])
+
+
+def test_missing_and_unknown_keys_are_errors_that_name_them(tmp_path, swint_model, official):
+    state_dict = dict(official["swint"])
+    del state_dict["transformer.encoder.layers.3.norm1.weight"]
+    with pytest.raises(KeyMappingError, match=r"feature_enhancer\.layers\.3\.norm1\.weight"):
+        load_official(swint_model, save_official(tmp_path / "missing.pth", state_dict))
+    state_dict = dict(official["swint"])
+    state_dict["transformer.mystery.weight"] = torch.zeros(1)
+    with pytest.raises(KeyMappingError, match=r"transformer\.mystery\.weight"):
+        load_official(swint_model, save_official(tmp_path / "unknown.pth", state_dict))
+
+
+def test_aliases_of_the_shared_head_must_agree(tmp_path, swint_model, official):
+    state_dict = dict(official["swint"])
+    state_dict["bbox_embed.3.layers.1.weight"] = state_dict["bbox_embed.3.layers.1.weight"] + 1
+    with pytest.raises(KeyMappingError, match="different values"):
+        load_official(swint_model, save_official(tmp_path / "alias.pth", state_dict))
+
+
+def test_wrong_architecture_is_reported_with_shapes(tmp_path, swint_model, official):
+    path = save_official(tmp_path / "b.pth", official["swinb"])
+    with pytest.raises(KeyMappingError, match="shape mismatch"):
+        load_official(swint_model, path)

@@ -1,0 +1,175 @@
+"""Multi-scale deformable attention: bilinear sampling, transformers parity, padding, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GroundingDinoConfig
+from transformers.models.grounding_dino import modeling_grounding_dino as hf
+
+from grounding.deformable_attention import (
+    MultiScaleDeformableAttention,
+    multi_scale_deformable_attention,
+)
+
+SHAPES = [(6, 5), (3, 3), (2, 1)]
+HIDDEN, HEADS, POINTS = 32, 4, 2
+
+
+def _bilinear(image: torch.Tensor, x: float, y: float) -> torch.Tensor:
+    """Sample a (C, H, W) map at normalised (x, y) the textbook way, zeros outside."""
+    _, height, width = image.shape
+    px, py = x * width - 0.5, y * height - 0.5
+    x0, y0 = int(torch.floor(torch.tensor(px))), int(torch.floor(torch.tensor(py)))
+    out = torch.zeros(image.shape[0], dtype=image.dtype)
+    for xi, yi in ((x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)):
+        if 0 <= xi < width and 0 <= yi < height:
+            out += (1 - abs(px - xi)) * (1 - abs(py - yi)) * image[:, yi, xi]
+    return out
+
+
+def _module(seed: int = 0) -> MultiScaleDeformableAttention:
+    torch.manual_seed(seed)
+    module = MultiScaleDeformableAttention(hidden_dim=HIDDEN, num_heads=HEADS,
+                                           num_levels=len(SHAPES), num_points=POINTS)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_(std=0.3)
+    return module.eval()
+
+
+def test_zero_offsets_single_level_is_bilinear_sampling():
+    module = MultiScaleDeformableAttention(hidden_dim=8, num_heads=2, num_levels=1, num_points=3)
+    with torch.no_grad():
+        module.sampling_offsets.weight.zero_()
+        module.sampling_offsets.bias.zero_()
+        module.attention_weights.weight.normal_()  # any weights: they sum to one per head
+    height, width = 4, 5
+    value = torch.randn(1, height * width, 8)
+    refs = torch.tensor([[0.5, 0.5], [0.03, 0.91], [0.99, 0.02], [0.37, 0.64]])
+    out = module(torch.randn(1, len(refs), 8), refs[None, :, None], value, [(height, width)])
+    projected = module.value_proj(value)[0].T.reshape(8, height, width)
+    expected = torch.stack([_bilinear(projected, float(x), float(y)) for x, y in refs])
+    torch.testing.assert_close(out[0], module.output_proj(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_function_matches_transformers():
+    torch.manual_seed(0)
+    batch, queries, head_dim = 2, 7, 8
+    length = sum(h * w for h, w in SHAPES)
+    value = torch.randn(batch, length, HEADS, head_dim)
+    locations = torch.rand(batch, queries, HEADS, len(SHAPES), POINTS, 2) * 1.4 - 0.2
+    weights = torch.rand(batch, queries, HEADS, len(SHAPES), POINTS)
+    shapes = torch.tensor(SHAPES)
+    start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    expected = hf.MultiScaleDeformableAttention()(value, shapes, SHAPES, start, locations,
+                                                  weights, 64)
+    out = multi_scale_deformable_attention(value, SHAPES, locations, weights)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_init_matches_transformers():
+    config = GroundingDinoConfig(d_model=HIDDEN, num_feature_levels=len(SHAPES),
+                                 encoder_attention_heads=HEADS, encoder_n_points=POINTS)
+    reference = hf.GroundingDinoMultiscaleDeformableAttention(config, HEADS, POINTS)
+    hf.GroundingDinoPreTrainedModel._init_weights(
+        hf.GroundingDinoPreTrainedModel(config), reference)
+    ours = _module()
+    ours.reset_parameters()
+    for name in ("sampling_offsets.weight", "sampling_offsets.bias", "attention_weights.weight",
+                 "attention_weights.bias", "value_proj.bias", "output_proj.bias"):
+        torch.testing.assert_close(ours.state_dict()[name], reference.state_dict()[name])
+
+
+@pytest.mark.parametrize("coords", [2, 4])
+def test_module_matches_transformers(coords):
+    config = GroundingDinoConfig(d_model=HIDDEN, num_feature_levels=len(SHAPES),
+                                 encoder_attention_heads=HEADS, encoder_n_points=POINTS)
+    reference = hf.GroundingDinoMultiscaleDeformableAttention(config, HEADS, POINTS).eval()
+    ours = _module()
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    batch, queries = 2, 7
+    length = sum(h * w for h, w in SHAPES)
+    query, value = torch.randn(batch, queries, HIDDEN), torch.randn(batch, length, HIDDEN)
+    padding = torch.rand(batch, length) < 0.2
+    refs = torch.rand(batch, queries, len(SHAPES), coords)
+    shapes = torch.tensor(SHAPES)
+    start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    expected, _ = reference(query, attention_mask=~padding, encoder_hidden_states=value,
+                            reference_points=refs, spatial_shapes=shapes,
+                            spatial_shapes_list=SHAPES, level_start_index=start)
+    out = ours(query, refs, value, SHAPES, padding)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+def _pad_levels(value: torch.Tensor, shapes, padded_shapes):
+    """Embed each (H, W) level of (B, S, C) into a bigger map, bottom / right; return the mask."""
+    batch, _, channels = value.shape
+    maps, masks = [], []
+    for level, ((h, w), (ph, pw)) in enumerate(zip(shapes, padded_shapes, strict=True)):
+        start = sum(a * b for a, b in shapes[:level])
+        grid = value.new_zeros(batch, ph, pw, channels)
+        grid[:, :h, :w] = value[:, start:start + h * w].view(batch, h, w, channels)
+        mask = torch.ones(batch, ph, pw, dtype=torch.bool)
+        mask[:, :h, :w] = False
+        maps.append(grid.flatten(1, 2))
+        masks.append(mask.flatten(1))
+    return torch.cat(maps, 1), torch.cat(masks, 1)
+
+
+@pytest.mark.parametrize("coords", [2, 4])
+def test_padding_invariance(coords):
+    module = _module()
+    padded_shapes = [(9, 7), (5, 4), (3, 2)]
+    batch, queries = 2, 11
+    length = sum(h * w for h, w in SHAPES)
+    query, value = torch.randn(batch, queries, HIDDEN), torch.randn(batch, length, HIDDEN)
+    refs = torch.rand(batch, queries, len(SHAPES), coords) * 1.2 - 0.1
+    ratios = torch.tensor([[w / pw, h / ph] for (h, w), (ph, pw) in zip(SHAPES, padded_shapes,
+                                                                         strict=True)])
+    scale = ratios if coords == 2 else torch.cat([ratios, ratios], -1)
+    padded_value, padding = _pad_levels(value, SHAPES, padded_shapes)
+    padded_value = padded_value + 100 * padding[..., None]  # padded content must not leak
+    out = module(query, refs, value, SHAPES)
+    padded_out = module(query, refs * scale, padded_value, padded_shapes, padding)
+    torch.testing.assert_close(padded_out, out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_runs_close_to_float32(dtype):
+    module = _module()
+    length = sum(h * w for h, w in SHAPES)
+    query, value = torch.randn(2, 5, HIDDEN), torch.randn(2, length, HIDDEN)
+    refs = torch.rand(2, 5, len(SHAPES), 4)
+    expected = module(query, refs, value, SHAPES)
+    out = module.to(dtype)(query.to(dtype), refs.to(dtype), value.to(dtype), SHAPES)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=0.15, rtol=0.05)
+
+
+def test_autocast_bfloat16():
+    module = _module()
+    length = sum(h * w for h, w in SHAPES)
+    query, value = torch.randn(2, 5, HIDDEN), torch.randn(2, length, HIDDEN)
+    padding = torch.zeros(2, length, dtype=torch.bool)
+    refs = torch.rand(2, 5, len(SHAPES), 2)
+    expected = module(query, refs, value, SHAPES, padding)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(query, refs, value, SHAPES, padding)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.15, rtol=0.05)
+
+
+def test_gradients():
+    torch.manual_seed(0)
+    value = torch.randn(1, 9 + 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    locations = torch.rand(1, 3, 2, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(1, 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: multi_scale_deformable_attention(v, [(3, 3), (2, 2)], loc, w),
+        (value, locations, weights))
+    module = _module()
+    length = sum(h * w for h, w in SHAPES)
+    module(torch.randn(2, 5, HIDDEN), torch.rand(2, 5, len(SHAPES), 2),
+           torch.randn(2, length, HIDDEN), SHAPES).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())

@@ -24,6 +24,8 @@ class SwinConfig:
     # 0-based stage indices whose outputs (after our own LayerNorm) feed the detector.
     out_indices: tuple[int, ...] = (1, 2, 3)
     layer_norm_eps: float = 1e-5
+    # Stochastic depth of the last block, linear from 0 (training only).
+    drop_path_rate: float = 0.2
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -58,6 +60,8 @@ class GroundingDINOConfig:
     # The official config sets pe_temperatureH/W = 20 for the image levels (not DETR's 10000).
     position_temperature: float = 20.0
     layer_norm_eps: float = 1e-5
+    # The official `fusion_droppath` (training only).
+    fusion_drop_path: float = 0.1
 
     @property
     def text_hidden_size(self) -> int:
@@ -127,6 +131,7 @@ def from_transformers_config(config: dict[str, Any]) -> GroundingDINOConfig:
         mlp_ratio=swin.get("mlp_ratio", 4.0),
         out_indices=out_indices,
         layer_norm_eps=swin.get("layer_norm_eps", 1e-5),
+        drop_path_rate=swin.get("drop_path_rate", 0.2),
     )
     text = {k: v for k, v in (config.get("text_config") or {}).items()
             if k in _BERT_ARCHITECTURE_KEYS}
@@ -147,6 +152,7 @@ def from_transformers_config(config: dict[str, Any]) -> GroundingDINOConfig:
         max_text_len=config.get("max_text_len", 256),
         position_temperature=float(config.get("positional_embedding_temperature", 20)),
         layer_norm_eps=config.get("layer_norm_eps", 1e-5),
+        fusion_drop_path=config.get("fusion_droppath", 0.1),
     )
 
 

@@ -12,6 +12,8 @@ Deviations:
   padded image's result equal to its unpadded result. The deformable sampling uses the scaled
   boxes, as in the reference.
 - `inverse_sigmoid` uses the reference's eps 1e-3 (transformers: `torch.special.logit`, eps 1e-5).
+  They differ for boxes within 1e-3 of 0 or 1, notably the boxes of selected invalid border
+  anchors, which are exactly 1.0 (their proposals are +inf).
 - The returned references keep their graph (DINO's "look forward twice", as the reference's
   `ref_points`); transformers returns the detached ones. Values are identical.
 """

@@ -24,8 +24,6 @@ from .deformable_attention import MultiScaleDeformableAttention
 from .key_mapping import Rule
 from .position_encoding import text_position_embedding
 
-# The official config's `fusion_droppath` (identity at inference).
-FUSION_DROP_PATH = 0.1
 # Scores of the fusion attention are clamped to +-this before the softmaxes (float16 range).
 _FUSION_CLAMP = 50000.0
 
@@ -129,7 +127,7 @@ class BiAttentionBlock(nn.Module):
     """
 
     def __init__(self, *, hidden_dim: int, embed_dim: int, num_heads: int,
-                 drop_path: float = FUSION_DROP_PATH, init_values: float = 1e-4,
+                 drop_path: float = 0.1, init_values: float = 1e-4,
                  layer_norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.layer_norm_v = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
@@ -290,7 +288,8 @@ class FeatureEnhancer(nn.Module):
             for _ in range(config.encoder_layers))
         self.fusion_layers = nn.ModuleList(
             BiAttentionBlock(hidden_dim=hidden, embed_dim=config.fusion_dim,
-                             num_heads=config.fusion_heads, layer_norm_eps=eps)
+                             num_heads=config.fusion_heads, drop_path=config.fusion_drop_path,
+                             layer_norm_eps=eps)
             for _ in range(config.encoder_layers))
         self.reset_parameters()
 

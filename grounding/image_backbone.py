@@ -81,12 +81,10 @@ class ImageBackbone(nn.Module):
     """Swin backbone returning the LayerNorm'ed maps of `config.out_indices`.
 
     Args:
-        config: Swin sizes and the stages to return.
-        drop_path_rate: stochastic depth of the last block (linear from 0 over all blocks); 0.2 as
-            in the reference. Identity in eval mode.
+        config: Swin sizes, the stages to return and the stochastic depth (identity in eval).
     """
 
-    def __init__(self, config: SwinConfig, drop_path_rate: float = 0.2) -> None:
+    def __init__(self, config: SwinConfig) -> None:
         super().__init__()
         self.config = config
         self.swin = SwinTransformer(
@@ -100,7 +98,7 @@ class ImageBackbone(nn.Module):
             strict_img_size=False,
             mlp_ratio=config.mlp_ratio,
             qkv_bias=True,
-            drop_path_rate=drop_path_rate,
+            drop_path_rate=config.drop_path_rate,
         )
         self.swin.norm = nn.Identity()
         self.swin.head = nn.Identity()

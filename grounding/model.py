@@ -56,12 +56,15 @@ class GroundingOutput:
         logits: (B, Q, max_text_len) pre-sigmoid query-token similarities, -inf beyond each
             caption's tokens.
         boxes: (B, Q, 4) cx, cy, w, h normalised to the unpadded image.
+        query_indices: (B, Q) int64, the image token (flattened over levels) each query was
+            selected from, best first.
         aux_logits, aux_boxes: the same for the earlier decoder layers (training), or None.
         encoder_logits, encoder_boxes: the selected encoder proposals (training).
     """
 
     logits: Tensor
     boxes: Tensor
+    query_indices: Tensor | None = None
     aux_logits: list[Tensor] | None = None
     aux_boxes: list[Tensor] | None = None
     encoder_logits: Tensor | None = None
@@ -214,8 +217,10 @@ class GroundingDINO(nn.Module):
         logits = [contrastive_logits(hidden[i], text, token_mask, config.max_text_len)
                   for i in layers]
         if not return_aux:
-            return GroundingOutput(logits=logits[-1], boxes=boxes[-1])
-        return GroundingOutput(logits=logits[-1], boxes=boxes[-1], aux_logits=logits[:-1],
+            return GroundingOutput(logits=logits[-1], boxes=boxes[-1],
+                                   query_indices=selection.topk_indices)
+        return GroundingOutput(logits=logits[-1], boxes=boxes[-1],
+                               query_indices=selection.topk_indices, aux_logits=logits[:-1],
                                aux_boxes=boxes[:-1], encoder_logits=selection.encoder_logits,
                                encoder_boxes=selection.encoder_boxes)
 

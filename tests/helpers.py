@@ -23,7 +23,7 @@ def tiny_transformers_config(**overrides):
     return GroundingDinoConfig(**settings)
 
 
-def random_transformers_model(config, seed: int = 0):
+def random_transformers_model(config, seed: int = 0, noise: float = 0.05):
     """transformers' GroundingDinoForObjectDetection with every parameter perturbed.
 
     Its own init zeroes some layers (the last box layer, for one); noise on everything makes the
@@ -35,7 +35,7 @@ def random_transformers_model(config, seed: int = 0):
     model = GroundingDinoForObjectDetection(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+            parameter.add_(torch.randn_like(parameter) * noise)
     return model
 
 

@@ -91,3 +91,21 @@ def test_wrong_architecture_is_reported_with_shapes(tmp_path, swint_model, offic
     path = save_official(tmp_path / "b.pth", official["swinb"])
     with pytest.raises(KeyMappingError, match="shape mismatch"):
         load_official(swint_model, path)
+
+
+def test_load_detector_reads_an_official_file_with_a_local_text_encoder(tmp_path, official):
+    import shutil
+
+    import grounding
+    from tests.conftest import VOCAB_FILE
+
+    text_encoder = tmp_path / "bert"
+    text_encoder.mkdir()
+    shutil.copy(VOCAB_FILE, text_encoder / "vocab.txt")
+    path = save_official(tmp_path / "swint.pth", official["swint"], "module.")
+    detector = grounding.load_detector(path, config="swint_ogc", text_encoder=text_encoder,
+                                       device="cpu")
+    assert not detector.model.training
+    assert torch.equal(detector.model.state_dict()["decoder.norm.weight"],
+                       official["swint"]["transformer.decoder.norm.weight"])
+    assert detector.tokenizer("a cat .")["input_ids"] == [101, 1037, 4937, 1012, 102]

@@ -27,7 +27,8 @@ def load_detector(checkpoint: str | os.PathLike | None = None, *,
 
     Args:
         checkpoint: an official `.pth`; a transformers-format directory (`config.json` +
-            `model.safetensors`, which then defines the architecture); or None for
+            `model.safetensors`, which then defines the architecture) or its Hub id such as
+            "IDEA-Research/grounding-dino-tiny"; or None for
             `$GROUNDING_DINO_CHECKPOINT`, else the official file for `config` from the Hub.
         config: "swint_ogc", "swinb_cogcoor" or a `GroundingDINOConfig` (for `.pth` files).
         text_encoder: a directory with BERT's config.json and vocab.txt, or a Hub id; default
@@ -42,6 +43,8 @@ def load_detector(checkpoint: str | os.PathLike | None = None, *,
     """
     from transformers import BertTokenizer
 
+    if checkpoint is not None and _is_hub_id(checkpoint):
+        checkpoint = hub.transformers_checkpoint_dir(str(checkpoint))
     if checkpoint is not None and Path(checkpoint).is_dir():
         directory = Path(checkpoint)
         model_config = read_transformers_config(directory)
@@ -66,6 +69,13 @@ def load_detector(checkpoint: str | os.PathLike | None = None, *,
         load_official(model, checkpoint)
     tokenizer = BertTokenizer.from_pretrained(str(tokenizer_dir), do_lower_case=True)
     return Detector(model, tokenizer, device=device)
+
+
+def _is_hub_id(checkpoint: str | os.PathLike) -> bool:
+    """"owner/name" that is not a local path and not a `.pth` file name."""
+    text = str(checkpoint)
+    return (not Path(text).exists() and text.count("/") == 1 and not text.endswith(".pth")
+            and not text.startswith((".", "/", "~")))
 
 
 def _with_text_architecture(config: GroundingDINOConfig, directory: Path) -> GroundingDINOConfig:

@@ -89,6 +89,21 @@ def official_checkpoint(preset: str) -> Path:
         f"and pass its path as checkpoint= (or --checkpoint), or set {CHECKPOINT_ENV}."))
 
 
+TRANSFORMERS_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json",
+                      "tokenizer.json", "special_tokens_map.json")
+
+
+def transformers_checkpoint_dir(repo_id: str) -> Path:
+    """A transformers-format Grounding DINO repository (e.g. `IDEA-Research/grounding-dino-tiny`)
+    downloaded into the Hub cache; returns its local directory."""
+    how = (f"Download {repo_id} on a connected machine (config.json, model.safetensors and the "
+           "tokenizer files) and pass the directory as checkpoint= (or --checkpoint).")
+    paths = [hub_file(repo_id, name, how_to_supply=how,
+                      optional=name not in ("config.json", "model.safetensors"))
+             for name in TRANSFORMERS_FILES]
+    return paths[0].parent
+
+
 def text_encoder_dir(text_encoder: str | os.PathLike | None) -> Path:
     """A directory with BERT's `config.json` and `vocab.txt`.
 

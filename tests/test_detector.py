@@ -126,3 +126,11 @@ def test_bfloat16_autocast_runs_close_to_float32(detector):
     distance = torch.cdist(reference.boxes[0], low.boxes[0].float()).min(dim=1).values
     # A random tiny model is far less well conditioned than a trained one; this bounds drift only.
     assert distance.median() < 0.01 and distance.max() < 0.1
+
+
+def test_detect_cuts_captions_to_max_text_len_like_the_reference(detector, tokenizer):
+    caption = " . ".join(f"cat {i}" for i in range(100)) + " ."
+    assert len(tokenizer(caption)["input_ids"]) > 256
+    out = detector.detect(torch.randn(1, 3, 224, 224), caption)
+    assert out.logits.shape == (1, 20, 256)
+    assert torch.isfinite(out.logits).all()  # every one of the 256 columns is a real token

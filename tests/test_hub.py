@@ -105,3 +105,12 @@ def test_text_encoder_offline_error_names_the_remedy(cache, offline):
 def test_local_directory_without_vocabulary_is_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.txt"):
         hub.text_encoder_dir(tmp_path)
+
+
+def test_transformers_repository_from_the_cache(cache, offline):
+    put_in_cache(cache, "IDEA-Research/grounding-dino-tiny",
+                 {"config.json": b"{}", "model.safetensors": b"x", "vocab.txt": b"[PAD]"})
+    directory = hub.transformers_checkpoint_dir("IDEA-Research/grounding-dino-tiny")
+    assert (directory / "model.safetensors").read_bytes() == b"x"
+    with pytest.raises(hub.OfflineError, match="grounding-dino-base"):
+        hub.transformers_checkpoint_dir("IDEA-Research/grounding-dino-base")

@@ -178,3 +178,22 @@ def test_transformers_4_file_layout_loads_the_same(tiny_pair, tmp_path):
     reloaded = grounding.load_detector(legacy_dir, device="cpu")
     for key, value in detector.model.state_dict().items():
         assert torch.equal(reloaded.model.state_dict()[key], value), key
+
+
+def test_hub_id_of_a_transformers_repository_loads_from_the_cache(tiny_pair, tmp_path,
+                                                                  monkeypatch):
+    """`load_detector("owner/name")` with the network replaced by a pre-filled Hub cache."""
+    from huggingface_hub import constants
+
+    from tests.test_hub import COMMIT
+
+    hf_model, detector = tiny_pair
+    repo = tmp_path / "hub" / "models--someone--tiny-gdino"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    save_transformers_directory(hf_model, repo / "snapshots" / COMMIT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded = grounding.load_detector("someone/tiny-gdino", device="cpu")
+    torch.testing.assert_close(loaded.model.state_dict()["level_embed"],
+                               detector.model.state_dict()["level_embed"])

@@ -68,7 +68,8 @@ class Detections:
 def select_detections(logits: Tensor, boxes: Tensor, token_ids: Sequence[int],
                       phrase_spans: Sequence[tuple[int, int]], decode: Callable[[list[int]], str],
                       image_size: tuple[int, int], box_threshold: float, text_threshold: float,
-                      nms_threshold: float | None = None) -> Detections:
+                      nms_threshold: float | None = None,
+                      continuation: Sequence[bool] | None = None) -> Detections:
     """Threshold one image's queries and label them.
 
     Args:
@@ -82,6 +83,9 @@ def select_detections(logits: Tensor, boxes: Tensor, token_ids: Sequence[int],
         text_threshold: label tokens must have probability > this.
         nms_threshold: if set, per-phrase non-maximum suppression at this IoU (off by default,
             as in the reference).
+        continuation: per token, whether it continues the previous token's word (WordPiece
+            "##" pieces). A word enters a label whole when any of its pieces passes
+            text_threshold, so labels never show half words such as "##s".
     """
     phrases = [decode(list(token_ids[start:end])) for start, end in phrase_spans]
     if not phrase_spans:
@@ -113,11 +117,13 @@ def select_detections(logits: Tensor, boxes: Tensor, token_ids: Sequence[int],
         kept_scores, phrase_ids = kept_scores[survivors], phrase_ids[survivors]
     order = torch.argsort(kept_scores, descending=True, stable=True)
 
+    words = [_words(start, end, continuation) for start, end in phrase_spans]
     labels = []
     for row in order.tolist():
-        start, end = phrase_spans[int(phrase_ids[row])]
-        above = [token_ids[t] for t in range(start, end) if kept_probs[row, t] > text_threshold]
-        labels.append(decode(above) if above else phrases[int(phrase_ids[row])])
+        phrase = int(phrase_ids[row])
+        chosen = [token_ids[t] for word in words[phrase]
+                  if any(kept_probs[row, t] > text_threshold for t in word) for t in word]
+        labels.append(decode(chosen) if chosen else phrases[phrase])
     return Detections(
         boxes=pixel_boxes[order].numpy().astype(np.float32),
         scores=kept_scores[order].numpy().astype(np.float32),
@@ -125,3 +131,14 @@ def select_detections(logits: Tensor, boxes: Tensor, token_ids: Sequence[int],
         phrase_ids=phrase_ids[order].numpy().astype(np.int64),
         prompt_phrases=phrases,
     )
+
+
+def _words(start: int, end: int, continuation: Sequence[bool] | None) -> list[list[int]]:
+    """Token indices of [start, end) grouped into words (a "##" piece joins the word before)."""
+    words: list[list[int]] = []
+    for index in range(start, end):
+        if words and continuation is not None and continuation[index]:
+            words[-1].append(index)
+        else:
+            words.append([index])
+    return words

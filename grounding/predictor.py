@@ -116,7 +116,7 @@ class Detector:
         parts = [select_detections(logits, boxes, ids,
                                    phrase_token_spans(ids, self.special_token_ids),
                                    self._decode, raw.image_size, box_threshold, text_threshold,
-                                   nms_threshold)
+                                   nms_threshold, self._continuation(ids))
                  for ids, logits, boxes in raw.chunks]
         return Detections.concatenate(parts)
 
@@ -136,6 +136,11 @@ class Detector:
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids).replace(" ##", "").strip()
+
+    def _continuation(self, token_ids: list[int]) -> list[bool]:
+        """Per token, whether it is a WordPiece continuation ("##...") of the word before."""
+        return [token.startswith("##")
+                for token in self.tokenizer.convert_ids_to_tokens(token_ids)]
 
 
 def split_caption_tokens(token_ids: Sequence[int], max_len: int,

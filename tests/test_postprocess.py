@@ -95,3 +95,17 @@ def test_concatenate_keeps_phrase_ids_apart():
     assert joined.phrases == ["bird", "cat"]
     assert joined.phrase_ids.tolist() == [2, 0]
     assert joined.prompt_phrases == ["cat", "dog", "bird"]
+
+
+def test_labels_take_whole_words_never_half_words(tokenizer):
+    ids = tokenizer("a skateboards .")["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[2:4] == ["skate", "##boards"]  # one word, two pieces
+    continuation = [token.startswith("##") for token in tokens]
+    logits = torch.full((1, 256), float("-inf"))
+    logits[0, : len(ids)] = logit(0.01)
+    logits[0, 3] = logit(0.9)  # only "##boards" passes the text threshold
+    dets = select_detections(logits, torch.tensor([[0.5, 0.5, 0.2, 0.2]]), ids,
+                             phrase_token_spans(ids), tokenizer.decode, (10, 10), 0.35, 0.25,
+                             continuation=continuation)
+    assert dets.phrases == ["skateboards"]

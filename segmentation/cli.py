@@ -1,0 +1,239 @@
+"""Batch command line: a folder of images and a prompt -> annotated images and one COCO JSON.
+
+    python -m segmentation.cli IMAGES_DIR --prompt "a cat . a remote control ." --out OUT_DIR
+
+Writes OUT_DIR/<stem>_annotated.png per image (masks, boxes, "phrase score" labels),
+OUT_DIR/annotations.json (COCO: one entry per image, boxes xywh, scores, RLE masks; one category
+per prompt phrase) and, with --zip, OUT_DIR/<stem>_masks.zip (per-object PNG masks and cut-outs).
+Files that cannot be read as images are reported on stderr and skipped.
+
+The model flags and their environment variables (`add_model_arguments`, `model_choice`) are
+shared with app.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DETECTORS = {"swint": "swint_ogc", "swinb": "swinb_cogcoor",
+             "swint_ogc": "swint_ogc", "swinb_cogcoor": "swinb_cogcoor"}
+SAM_VARIANTS = ("vit_b", "vit_l", "vit_h")
+ENV_DETECTOR = "GROUNDED_SAM_DETECTOR"
+ENV_SAM = "GROUNDED_SAM_SAM"
+ENV_DEVICE = "GROUNDED_SAM_DEVICE"
+ENV_OFFLINE = "GROUNDED_SAM_OFFLINE"
+COCO_FILE = "annotations.json"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which models to load, where.
+
+    Attributes:
+        detector: "swint_ogc", "swinb_cogcoor" or a checkpoint path (`.pth` or a
+            transformers-format directory).
+        sam: "vit_b", "vit_l" or "vit_h".
+        device: a torch device string ("cpu", "cuda", "cuda:1").
+        offline: tiny random-weight models, no files and no downloads (tests, UI demos).
+        sam_checkpoint: a local SAM `.pth` for `sam`; None: `$SAM_CHECKPOINT`, else the cached
+            or downloaded official file.
+    """
+
+    detector: str
+    sam: str
+    device: str
+    offline: bool
+    sam_checkpoint: str | None = None
+
+    def describe(self) -> str:
+        """A one-line summary for banners and logs."""
+        detector = {"swint_ogc": "SwinT-OGC", "swinb_cogcoor": "SwinB-COGCOOR"}.get(
+            self.detector, Path(self.detector).name)
+        weights = "tiny random-weight models (offline)" if self.offline else "pretrained weights"
+        return (f"Grounding DINO {detector} + SAM ViT-{self.sam[-1].upper()} on {self.device}, "
+                f"{weights}")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--detector, --sam, --sam-checkpoint, --device, --offline (with environment fallbacks)."""
+    group = parser.add_argument_group(
+        "models", "each flag falls back to the environment variable named in its help")
+    group.add_argument("--detector", default=None,
+                       help=f"swint (default), swinb, or the path of a SwinT .pth or of a "
+                            f"transformers-format directory; env {ENV_DETECTOR}. A local SwinB "
+                            f".pth: --detector swinb with GROUNDING_DINO_CHECKPOINT=PATH")
+    group.add_argument("--sam", default=None, choices=SAM_VARIANTS,
+                       help=f"SAM encoder; default vit_h on a GPU, vit_b on CPU; env {ENV_SAM}")
+    group.add_argument("--sam-checkpoint", default=None,
+                       help="a local SAM .pth for --sam (default: env SAM_CHECKPOINT, else the "
+                            "official file, downloaded once)")
+    group.add_argument("--device", default=None,
+                       help=f"cpu, cuda, cuda:1, ...; default cuda when available; "
+                            f"env {ENV_DEVICE}")
+    group.add_argument("--offline", action="store_true", default=None,
+                       help=f"tiny random-weight models: no downloads, meaningless results "
+                            f"(for tests and trying the interface); env {ENV_OFFLINE}=1")
+
+
+def default_device(environ: Mapping[str, str] = os.environ) -> str:
+    """"cuda" on a GPU machine or ZeroGPU Space, else "cpu"."""
+    import torch
+
+    zero_gpu = environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+    return "cuda" if zero_gpu or torch.cuda.is_available() else "cpu"
+
+
+def model_choice(args: argparse.Namespace, environ: Mapping[str, str] = os.environ,
+                 ) -> ModelChoice:
+    """Resolve the model flags: flag, else environment variable, else the default.
+
+    Raises:
+        ValueError: an unknown detector name or SAM variant.
+    """
+    offline = args.offline if args.offline is not None else \
+        environ.get(ENV_OFFLINE, "").strip().lower() in ("1", "true", "yes", "on")
+    device = args.device or environ.get(ENV_DEVICE) or default_device(environ)
+    detector = args.detector or environ.get(ENV_DETECTOR) or "swint"
+    if detector.lower() in DETECTORS:
+        detector = DETECTORS[detector.lower()]
+    elif not Path(detector).exists():
+        raise ValueError(f"unknown detector {detector!r}: use swint, swinb or the path of a "
+                         f"checkpoint (flag --detector, env {ENV_DETECTOR})")
+    sam = args.sam or environ.get(ENV_SAM) or ("vit_b" if device == "cpu" else "vit_h")
+    if sam not in SAM_VARIANTS:
+        raise ValueError(f"unknown SAM variant {sam!r}: use one of {', '.join(SAM_VARIANTS)} "
+                         f"(flag --sam, env {ENV_SAM})")
+    return ModelChoice(detector=detector, sam=sam, device=device, offline=offline,
+                       sam_checkpoint=args.sam_checkpoint)
+
+
+def load_models(choice: ModelChoice):
+    """The GroundedSAM pipeline for a choice (downloads weights on first use unless offline)."""
+    from segmentation.pipeline import load_pipeline
+
+    return load_pipeline(detector=choice.detector, sam=choice.sam, device=choice.device,
+                         offline=choice.offline, sam_checkpoint=choice.sam_checkpoint)
+
+
+def merge_coco(parts: Sequence[dict]) -> dict:
+    """One COCO dict from per-image ones: ids renumbered, categories matched by name."""
+    merged: dict = {"images": [], "annotations": [], "categories": []}
+    category_ids: dict[str, int] = {}
+    for part in parts:
+        local = {}
+        for category in part["categories"]:
+            if category["name"] not in category_ids:
+                category_ids[category["name"]] = len(category_ids) + 1
+                merged["categories"].append({**category, "id": category_ids[category["name"]]})
+            local[category["id"]] = category_ids[category["name"]]
+        merged["images"].extend(part["images"])
+        for annotation in part["annotations"]:
+            merged["annotations"].append({**annotation, "id": len(merged["annotations"]) + 1,
+                                          "category_id": local[annotation["category_id"]]})
+    return merged
+
+
+def output_stems(paths: Sequence[Path]) -> dict[Path, str]:
+    """Output name stems, unique even when files differ only by extension (a.jpg, a.png)."""
+    counts = Counter(path.stem for path in paths)
+    return {path: path.stem if counts[path.stem] == 1 else f"{path.stem}_{path.suffix[1:]}"
+            for path in paths}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m segmentation.cli",
+        description="Detect and segment what a prompt names in every image of a folder.")
+    parser.add_argument("images", type=Path, help="folder of images (not searched recursively)")
+    parser.add_argument("--prompt", required=True,
+                        help='what to find, phrases separated by ".", e.g. "a cat . a remote ."')
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--box-threshold", type=float, default=0.35,
+                        help="keep a box when its best word score is above this (default 0.35)")
+    parser.add_argument("--text-threshold", type=float, default=0.25,
+                        help="words above this label a box; never removes one (default 0.25)")
+    parser.add_argument("--zip", action="store_true",
+                        help="also write <stem>_masks.zip: per-object PNG masks and cut-outs")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    from grounding.predictor import normalize_caption
+
+    try:
+        normalize_caption(args.prompt)
+    except ValueError as error:
+        parser.error(str(error))
+    for name in ("box_threshold", "text_threshold"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
+    if not args.images.is_dir():
+        parser.error(f"{args.images} is not a folder")
+    if args.out.resolve() == args.images.resolve():
+        parser.error("--out must differ from the image folder")
+    try:
+        args.models = model_choice(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the batch; returns 0 when at least one image was processed, 1 otherwise."""
+    args = parse_args(argv)
+    import numpy as np
+    from PIL import Image
+
+    from segmentation.export import to_coco, to_zip
+    from segmentation.images import load_image
+    from segmentation.visualize import annotate
+
+    paths = sorted(p for p in args.images.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not paths:
+        print(f"error: {args.images} has no files", file=sys.stderr)
+        return 1
+    print(f"loading {args.models.describe()}", file=sys.stderr)
+    try:
+        pipeline = load_models(args.models)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"error: could not load the models: {error}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    stems = output_stems(paths)
+    coco_parts, skipped, found = [], [], 0
+    for index, path in enumerate(paths, start=1):
+        start = time.perf_counter()
+        try:
+            image = np.asarray(load_image(path))
+        except (OSError, ValueError) as error:
+            skipped.append(path.name)
+            print(f"[{index}/{len(paths)}] skipped {path.name}: {error}", file=sys.stderr)
+            continue
+        result = pipeline.run(image, args.prompt, args.box_threshold, args.text_threshold)
+        Image.fromarray(annotate(image, result)).save(args.out / f"{stems[path]}_annotated.png")
+        if args.zip:
+            (args.out / f"{stems[path]}_masks.zip").write_bytes(to_zip(image, result))
+        height, width = image.shape[:2]
+        coco_parts.append(to_coco(result, file_name=path.name, width=width, height=height,
+                                  image_id=len(coco_parts) + 1))
+        found += len(result)
+        print(f"[{index}/{len(paths)}] {path.name}: {len(result)} objects "
+              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    coco = {"info": {"description": "Grounded SAM detections", "prompt": args.prompt,
+                     "box_threshold": args.box_threshold, "text_threshold": args.text_threshold,
+                     "models": args.models.describe()},
+            **merge_coco(coco_parts)}
+    (args.out / COCO_FILE).write_text(json.dumps(coco))
+    print(f"{len(coco_parts)} images, {found} objects -> {args.out / COCO_FILE}"
+          + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ""))
+    return 0 if coco_parts else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

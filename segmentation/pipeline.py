@@ -1,0 +1,276 @@
+"""Image + prompt + thresholds -> detections with masks, computing nothing twice; `load_pipeline`.
+
+Grounded SAM: Grounding DINO's boxes prompt SAM. What makes the threshold sliders instant is what is
+kept, least recently used first out, within one byte budget:
+
+- per (image, prompt): the detector's raw outputs (every query's box and token scores), so new
+  thresholds only re-filter them (`Detector.select`, no model call);
+- per image: SAM's image embedding, computed on the first run even when nothing is detected, so
+  no threshold change ever runs an encoder;
+- per (image, box): the decoded mask (cropped to its True pixels) and SAM's score, so only boxes
+  that were never decoded go through the mask decoder, all in one batched call. The first run of
+  an (image, prompt) also decodes the few boxes scoring just below the threshold, so nudging the
+  slider down is instant too (the decoder costs about 0.1 s per box on 2 CPU cores).
+
+Images are keyed by a hash of their pixels, so the same picture uploaded twice is recognised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from grounding import Detector, RawPrediction, load_detector
+from grounding.config import PRESETS
+from grounding.predictor import normalize_caption
+from segmentation.cache import ByteLRU
+from segmentation.images import rgb_array
+from segmentation.offline import tiny_detector, tiny_sam
+from segmentation.sam import BoxSegmenter, ImageEmbedding, build_sam
+from segmentation.sam import sam_checkpoint as official_sam_checkpoint
+
+DEFAULT_CACHE_BYTES = 1 << 30
+# Prefetched boxes score at most this much below the box threshold.
+PREFETCH_MARGIN = 0.1
+
+
+@dataclass
+class SegmentedDetections:
+    """Detections in one image, each with a mask.
+
+    Attributes:
+        boxes: (N, 4) float32, x0, y0, x1, y1 in the image's pixels.
+        scores: (N,) float32, the detector's box score (max token probability), descending.
+        phrases: N labels, each drawn from one phrase of the prompt.
+        phrase_ids: (N,) int64, index of each label's phrase in `prompt_phrases`.
+        prompt_phrases: the prompt's phrases, in order.
+        masks: (N, H, W) bool at the image's resolution, True = object; mask i belongs to box i.
+        mask_scores: (N,) float32, SAM's predicted IoU of each mask.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    phrases: list[str]
+    phrase_ids: np.ndarray
+    prompt_phrases: list[str]
+    masks: np.ndarray
+    mask_scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the image the masks cover."""
+        return self.masks.shape[2], self.masks.shape[1]
+
+
+@dataclass
+class PipelineStats:
+    """How often each model ran (for tests and benchmarks)."""
+
+    detector_runs: int = 0  # Detector.infer calls
+    image_embeddings: int = 0  # SAM image encoder runs
+    segment_calls: int = 0  # BoxSegmenter.segment calls (mask decoder)
+    boxes_decoded: int = 0
+
+
+@dataclass
+class _Mask:
+    """One decoded mask, stored as the crop of its True pixels."""
+
+    top: int
+    left: int
+    crop: np.ndarray  # (h, w) bool
+    score: float
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = self.crop.nbytes + 64
+
+
+class GroundedSAM:
+    """Grounding DINO + SAM with caches; safe to call from several threads (runs one at a time)."""
+
+    def __init__(self, detector: Detector, segmenter: BoxSegmenter, *,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch_boxes: int = 8) -> None:
+        """
+        Args:
+            detector: finds boxes and phrases (`infer` once, `select` per threshold).
+            segmenter: turns boxes into masks.
+            cache_bytes: budget for raw outputs, embeddings and masks together (about 1 MB per
+                (image, prompt), 4 MB per SAM embedding, at most H x W bytes per mask).
+            prefetch_boxes: on the first run of an (image, prompt), also decode up to this many
+                of the best boxes below the box threshold (by at most PREFETCH_MARGIN).
+        """
+        self.detector = detector
+        self.segmenter = segmenter
+        self.prefetch_boxes = prefetch_boxes
+        self.cache = ByteLRU(cache_bytes)
+        self.stats = PipelineStats()
+        self._lock = threading.Lock()
+
+    def run(self, image: Image.Image | np.ndarray, prompt: str, box_threshold: float = 0.35,
+            text_threshold: float = 0.25, nms_threshold: float | None = None,
+            ) -> SegmentedDetections:
+        """Detect what `prompt` names and segment each detection.
+
+        Args:
+            image: (H, W, 3) uint8 RGB, or anything `images.load_image` takes (used at full
+                size: load files and uploads with `load_image` to cap their size).
+            prompt: phrases separated by "." ("a cat . a remote control"); longer than 256
+                tokens is fine (the detector splits it at phrases).
+            box_threshold: keep boxes whose best token probability is above this.
+            text_threshold: tokens above this form a box's label (never removes a box).
+            nms_threshold: optional per-phrase non-maximum suppression IoU.
+
+        Raises:
+            ValueError: an empty prompt, thresholds outside [0, 1], or an unusable image.
+        """
+        pixels = rgb_array(image)
+        caption = normalize_caption(prompt)
+        with self._lock:
+            image_key = _digest(pixels)
+            raw, fresh = self._raw_prediction(pixels, image_key, caption)
+            detections = self.detector.select(raw, box_threshold, text_threshold, nms_threshold)
+            embedding = self._embedding(pixels, image_key)
+            prefetch = (self._boxes_below(raw, box_threshold, text_threshold, nms_threshold)
+                        if fresh else np.zeros((0, 4), np.float32))
+            masks, mask_scores = self._masks(image_key, embedding, detections.boxes, prefetch)
+        return SegmentedDetections(
+            boxes=detections.boxes, scores=detections.scores, phrases=detections.phrases,
+            phrase_ids=detections.phrase_ids, prompt_phrases=detections.prompt_phrases,
+            masks=masks, mask_scores=mask_scores)
+
+    def _raw_prediction(self, pixels: np.ndarray, image_key: str, caption: str,
+                        ) -> tuple[RawPrediction, bool]:
+        """The detector's raw outputs, and whether the detector just ran for them."""
+        key = ("raw", image_key, caption)
+        raw = self.cache.get(key)
+        if raw is not None:
+            return raw, False
+        raw = self.detector.infer(pixels, caption)
+        self.stats.detector_runs += 1
+        size = sum(logits.nbytes + boxes.nbytes for _, logits, boxes in raw.chunks)
+        self.cache.put(key, raw, size)
+        return raw, True
+
+    def _boxes_below(self, raw: RawPrediction, box_threshold: float, text_threshold: float,
+                     nms_threshold: float | None) -> np.ndarray:
+        """(K, 4) the best `prefetch_boxes` boxes scoring up to PREFETCH_MARGIN below the
+        threshold, best first."""
+        if not self.prefetch_boxes:
+            return np.zeros((0, 4), np.float32)
+        nearby = self.detector.select(raw, max(0.0, box_threshold - PREFETCH_MARGIN),
+                                      text_threshold, nms_threshold)
+        return nearby.boxes[nearby.scores <= box_threshold][:self.prefetch_boxes]
+
+    def _embedding(self, pixels: np.ndarray, image_key: str) -> ImageEmbedding:
+        key = ("embedding", image_key)
+        embedding = self.cache.get(key)
+        if embedding is None:
+            embedding = self.segmenter.embed(pixels)
+            self.stats.image_embeddings += 1
+            self.cache.put(key, embedding, embedding.nbytes)
+        return embedding
+
+    def _masks(self, image_key: str, embedding: ImageEmbedding, boxes: np.ndarray,
+               prefetch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W) bool masks and (N,) scores of `boxes`, decoding, in one call, the boxes not
+        in the cache and the `prefetch` boxes not in the cache (those only to cache them)."""
+        keys = [("mask", image_key, box.tobytes()) for box in boxes]
+        found: list[_Mask | None] = [self.cache.get(key) for key in keys]
+        missing = [index for index, entry in enumerate(found) if entry is None]
+        extra = [box for box in prefetch if ("mask", image_key, box.tobytes()) not in self.cache]
+        if missing or extra:
+            self.segmenter.use(embedding)
+            # One dtype for all, so that the cache keys (the boxes' bytes) match later lookups.
+            wanted = np.concatenate([boxes[missing], np.reshape(extra, (-1, 4))]).astype(
+                boxes.dtype)
+            new_masks, new_scores = self.segmenter.segment(wanted)
+            self.stats.segment_calls += 1
+            self.stats.boxes_decoded += len(wanted)
+            entries = [_crop(mask, float(score)) for mask, score in zip(new_masks, new_scores,
+                                                                       strict=True)]
+            for box, entry in zip(wanted, entries, strict=True):
+                self.cache.put(("mask", image_key, box.tobytes()), entry, entry.nbytes)
+            for index, entry in zip(missing, entries, strict=False):  # extras come last
+                found[index] = entry
+        height, width = embedding.original_size
+        masks = np.zeros((len(boxes), height, width), dtype=bool)
+        for mask, entry in zip(masks, found, strict=True):
+            mask[entry.top:entry.top + entry.crop.shape[0],
+                 entry.left:entry.left + entry.crop.shape[1]] = entry.crop
+        scores = np.array([entry.score for entry in found], dtype=np.float32)
+        return masks, scores
+
+
+def load_pipeline(*, detector: str | os.PathLike = "swint_ogc", sam: str = "vit_b",
+                  device: str | torch.device | None = None, offline: bool = False,
+                  sam_checkpoint: str | os.PathLike | None = None,
+                  detector_config: str = "swint_ogc",
+                  text_encoder: str | os.PathLike | None = None,
+                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> GroundedSAM:
+    """Grounding DINO + SAM, weights loaded, on `device`.
+
+    Args:
+        detector: "swint_ogc" or "swinb_cogcoor" (official weights from the Hub, or
+            `$GROUNDING_DINO_CHECKPOINT`), or the path of an official `.pth` or of a
+            transformers-format directory.
+        sam: "vit_b", "vit_l" or "vit_h".
+        device: default CUDA when available, else CPU.
+        offline: tiny random-weight models instead (no files, no downloads; boxes and masks
+            are noise). Every other model argument is then ignored.
+        sam_checkpoint: a SAM `.pth` for `sam`; default `$SAM_CHECKPOINT`, else the official file
+            (downloaded once into `$SAM_CACHE_DIR` or ~/.cache/grounded-sam).
+        detector_config: the architecture of a `.pth` passed as `detector`.
+        text_encoder: BERT's tokenizer directory or Hub id (see `grounding.load_detector`).
+        cache_bytes: the pipeline's cache budget.
+
+    Raises:
+        grounding.hub.OfflineError: a weight file is missing and cannot be downloaded (the
+            message names the file and how to supply it).
+    """
+    if offline:
+        return GroundedSAM(tiny_detector(device), BoxSegmenter(tiny_sam().to(_device(device))),
+                           cache_bytes=cache_bytes)
+    if not (detector in PRESETS or Path(detector).exists()):
+        raise ValueError(f"unknown detector {detector!r}: choose one of {sorted(PRESETS)} or give "
+                         "the path of a checkpoint")
+    # Resolved first, so a missing SAM file is reported before the detector spends time loading.
+    sam_path = sam_checkpoint if sam_checkpoint is not None else official_sam_checkpoint(sam)
+    if detector in PRESETS:
+        grounding_detector = load_detector(config=detector, text_encoder=text_encoder,
+                                           device=device)
+    else:
+        grounding_detector = load_detector(detector, config=detector_config,
+                                           text_encoder=text_encoder, device=device)
+    segment_anything = build_sam(sam, sam_path, device=device)
+    return GroundedSAM(grounding_detector, BoxSegmenter(segment_anything),
+                       cache_bytes=cache_bytes)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _digest(pixels: np.ndarray) -> str:
+    """A content key for an (H, W, 3) uint8 array (about 25 ms for 12 MP)."""
+    digest = hashlib.sha256(str(pixels.shape).encode())
+    digest.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))
+    return digest.hexdigest()
+
+
+def _crop(mask: np.ndarray, score: float) -> _Mask:
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return _Mask(0, 0, np.zeros((0, 0), dtype=bool), score)
+    top, bottom, left, right = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
+    return _Mask(int(top), int(left), mask[top:bottom, left:right].copy(), score)

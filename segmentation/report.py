@@ -1,0 +1,81 @@
+"""What the app shows for one result: the detections table, the summary line, the legend chips
+and the export files (COCO JSON, ZIP of masks and cut-outs). No Gradio here."""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segmentation.export import to_coco, to_zip
+from segmentation.visualize import legend
+
+TABLE_HEADERS = ["#", "phrase", "score", "x0", "y0", "x1", "y1", "mask px", "mask score"]
+EXPORT_MAX_AGE_S = 3600
+
+
+def table(result) -> pd.DataFrame:
+    """One row per detection: phrase, score, box corners, mask pixels and SAM's mask score."""
+    rows = [[i + 1, phrase, round(float(score), 3), *(int(round(float(v))) for v in box),
+             np.count_nonzero(mask), round(float(mask_score), 3)]
+            for i, (phrase, score, box, mask, mask_score) in enumerate(zip(
+                result.phrases, result.scores, result.boxes, result.masks, result.mask_scores,
+                strict=True))]
+    return pd.DataFrame(rows, columns=TABLE_HEADERS)
+
+
+def summary(result, prompt: str, box_threshold: float, seconds: float) -> str:
+    """Markdown: what was found, per phrase, or why nothing was."""
+    if len(result) == 0:
+        return (f"**No objects found** for “{prompt.strip()[:80]}” above box threshold "
+                f"{box_threshold:.2f}. Lower the box threshold, or name the objects "
+                "differently (short nouns separated by “.” work best).")
+    counts = Counter(result.prompt_phrases[int(i)] for i in result.phrase_ids)
+    found = ", ".join(f"{phrase} × {n}" for phrase, n in counts.most_common())
+    noun = "object" if len(result) == 1 else "objects"
+    return f"**Found {len(result)} {noun}:** {found} ({seconds:.2f} s)"
+
+
+def legend_html(result) -> str:
+    """Colour chips, one per prompt phrase, in the colours of the annotated image."""
+    counts = Counter(int(i) for i in result.phrase_ids)
+    chips = [f'<span class="chip"><span class="swatch" style="background:{color}"></span>'
+             f"{html.escape(phrase)} ({counts.get(index, 0)})</span>"
+             for index, (phrase, color) in enumerate(legend(result))]
+    return f'<div class="legend">{"".join(chips)}</div>'
+
+
+def _prune_exports(root: Path) -> None:
+    cutoff = time.time() - EXPORT_MAX_AGE_S
+    for folder in root.glob("run-*"):
+        if folder.stat().st_mtime < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_exports(image: np.ndarray, result, name: str, *, with_zip: bool) -> list[str]:
+    """[COCO JSON] or [COCO JSON, ZIP of masks and cut-outs], written to a fresh folder (folders
+    older than an hour are removed). `name` is the image's file name, recorded in the COCO JSON.
+
+    The ZIP is opt-in: it encodes two PNGs per object (seconds for a hundred objects), too slow
+    for every slider move.
+    """
+    root = Path(tempfile.gettempdir()) / "grounded-sam-exports"
+    root.mkdir(exist_ok=True)
+    _prune_exports(root)
+    folder = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+    height, width = image.shape[:2]
+    coco = to_coco(result, file_name=name, width=width, height=height)
+    stem = Path(name).stem
+    json_path, zip_path = folder / f"{stem}_coco.json", folder / f"{stem}_masks.zip"
+    json_path.write_text(json.dumps(coco))
+    if not with_zip:
+        return [str(json_path)]
+    zip_path.write_bytes(to_zip(image, result, file_name=name))
+    return [str(json_path), str(zip_path)]

@@ -1,0 +1,157 @@
+"""The batch command line (`python -m segmentation.cli`), in offline mode, and its model flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from segmentation.cli import (
+    ENV_DETECTOR,
+    ENV_OFFLINE,
+    ENV_SAM,
+    add_model_arguments,
+    main,
+    merge_coco,
+    model_choice,
+    output_stems,
+)
+from segmentation.export import rle_decode
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "car . house . tree ."
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    """Two small images (JPEG and RGBA PNG) and one corrupt file."""
+    images = tmp_path / "images"
+    images.mkdir()
+    street = Image.open(ROOT / "assets" / "street.jpg")
+    street.resize((128, 96)).save(images / "street.jpg")
+    shapes = Image.open(ROOT / "assets" / "shapes.jpg").resize((80, 120)).convert("RGBA")
+    shapes.save(images / "shapes.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    return images
+
+
+def test_folder_to_annotated_images_and_one_coco_json(folder, tmp_path):
+    out = tmp_path / "out"
+    finished = subprocess.run(
+        [sys.executable, "-m", "segmentation.cli", str(folder), "--prompt", PROMPT, "--out",
+         str(out), "--offline", "--box-threshold", "0.3", "--text-threshold", "0", "--zip"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert "skipped broken.jpg" in finished.stderr and "skipped 1: broken.jpg" in finished.stdout
+
+    assert Image.open(out / "street_annotated.png").size == (128, 96)
+    assert Image.open(out / "shapes_annotated.png").size == (80, 120)
+    assert not list(out.glob("broken*"))
+    coco = json.loads((out / "annotations.json").read_text())
+    assert coco["info"]["prompt"] == PROMPT and coco["info"]["box_threshold"] == 0.3
+    assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in coco["images"]] == [
+        (1, "shapes.png", 80, 120), (2, "street.jpg", 128, 96)]
+    assert [c["name"] for c in coco["categories"]] == ["car", "house", "tree"]
+    annotations = coco["annotations"]
+    assert {a["image_id"] for a in annotations} == {1, 2}
+    assert [a["id"] for a in annotations] == list(range(1, len(annotations) + 1))
+    sizes = {i["id"]: (i["width"], i["height"]) for i in coco["images"]}
+    for annotation in annotations:
+        width, height = sizes[annotation["image_id"]]
+        x, y, w, h = annotation["bbox"]
+        assert 0 <= x <= x + w <= width and 0 <= y <= y + h <= height
+        assert annotation["score"] > 0.3 and annotation["category_id"] in (1, 2, 3)
+        assert annotation["phrase"] == coco["categories"][annotation["category_id"] - 1]["name"]
+        mask = rle_decode(annotation["segmentation"])
+        assert mask.shape == (height, width) and mask.sum() == annotation["area"]
+
+    with zipfile.ZipFile(out / "street_masks.zip") as archive:
+        names = archive.namelist()
+    street_count = sum(a["image_id"] == 2 for a in annotations)
+    assert sum(name.startswith("masks/") for name in names) == street_count
+    assert "annotations.json" in names
+
+
+def test_no_readable_image_fails(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "notes.txt").write_text("not an image")
+    assert main([str(images), "--prompt", PROMPT, "--out", str(tmp_path / "out"),
+                 "--offline"]) == 1
+    captured = capsys.readouterr()
+    assert "skipped notes.txt" in captured.err and "0 images" in captured.out
+
+
+@pytest.mark.parametrize("arguments", [
+    ["--prompt", "   "],
+    ["--prompt", PROMPT, "--box-threshold", "1.5"],
+    ["--prompt", PROMPT, "--sam", "vit_x"],
+    ["--prompt", PROMPT, "--detector", "swin_huge"],
+])
+def test_bad_arguments_exit_with_usage_error(folder, tmp_path, arguments, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder), "--out", str(tmp_path / "out"), "--offline", *arguments])
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_output_folder_must_differ_from_the_input(folder):
+    with pytest.raises(SystemExit):
+        main([str(folder), "--prompt", PROMPT, "--out", str(folder), "--offline"])
+
+
+def choose(flags: list[str], environ: dict[str, str]):
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    return model_choice(parser.parse_args(flags), environ)
+
+
+def test_model_flags_then_environment_then_defaults():
+    assert choose(["--device", "cpu"], {}) == choose(["--device", "cpu"], {ENV_OFFLINE: "0"})
+    default_cpu = choose(["--device", "cpu"], {})
+    assert (default_cpu.detector, default_cpu.sam, default_cpu.offline) == \
+        ("swint_ogc", "vit_b", False)
+    assert choose(["--device", "cuda"], {}).sam == "vit_h"
+    from_env = choose(["--device", "cpu"],
+                      {ENV_DETECTOR: "swinb", ENV_SAM: "vit_l", ENV_OFFLINE: "1"})
+    assert (from_env.detector, from_env.sam, from_env.offline) == \
+        ("swinb_cogcoor", "vit_l", True)
+    flags_win = choose(["--device", "cpu", "--detector", "swint", "--sam", "vit_h"],
+                       {ENV_DETECTOR: "swinb", ENV_SAM: "vit_l"})
+    assert (flags_win.detector, flags_win.sam) == ("swint_ogc", "vit_h")
+    with pytest.raises(ValueError, match="GROUNDED_SAM_SAM"):
+        choose(["--device", "cpu"], {ENV_SAM: "vit_x"})
+
+
+def test_a_checkpoint_path_is_a_valid_detector(tmp_path):
+    checkpoint = tmp_path / "groundingdino_swint_ogc.pth"
+    checkpoint.write_bytes(b"")
+    assert choose(["--device", "cpu", "--detector", str(checkpoint)], {}).detector == \
+        str(checkpoint)
+
+
+def test_merge_coco_renumbers_ids_and_matches_categories_by_name():
+    def part(image_id, names, category_ids):
+        return {"images": [{"id": image_id, "file_name": f"{image_id}.png"}],
+                "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
+                "annotations": [{"id": k + 1, "image_id": image_id, "category_id": c}
+                                for k, c in enumerate(category_ids)]}
+
+    merged = merge_coco([part(1, ["cat", "dog"], [2, 1]), part(2, ["dog", "bird"], [1, 2, 2])])
+    assert [c["name"] for c in merged["categories"]] == ["cat", "dog", "bird"]
+    assert [c["id"] for c in merged["categories"]] == [1, 2, 3]
+    assert [a["id"] for a in merged["annotations"]] == [1, 2, 3, 4, 5]
+    names = {c["id"]: c["name"] for c in merged["categories"]}
+    assert [names[a["category_id"]] for a in merged["annotations"]] == \
+        ["dog", "cat", "dog", "bird", "bird"]
+
+
+def test_output_names_stay_unique_across_extensions():
+    stems = output_stems([Path("a.jpg"), Path("a.png"), Path("b.jpg")])
+    assert stems == {Path("a.jpg"): "a_jpg", Path("a.png"): "a_png", Path("b.jpg"): "b"}

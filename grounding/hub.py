@@ -86,7 +86,8 @@ def official_checkpoint(preset: str) -> Path:
     filename = OFFICIAL_FILES[preset]
     return hub_file(OFFICIAL_REPO, filename, how_to_supply=(
         f"Download {filename} from https://huggingface.co/{OFFICIAL_REPO} on a connected machine "
-        f"and pass its path as checkpoint= (or --checkpoint), or set {CHECKPOINT_ENV}."))
+        f"and pass its path as checkpoint= (the app and CLI: --detector PATH), or set "
+        f"{CHECKPOINT_ENV}."))
 
 
 TRANSFORMERS_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json",
@@ -97,7 +98,8 @@ def transformers_checkpoint_dir(repo_id: str) -> Path:
     """A transformers-format Grounding DINO repository (e.g. `IDEA-Research/grounding-dino-tiny`)
     downloaded into the Hub cache; returns its local directory."""
     how = (f"Download {repo_id} on a connected machine (config.json, model.safetensors and the "
-           "tokenizer files) and pass the directory as checkpoint= (or --checkpoint).")
+           "tokenizer files) and pass the directory as checkpoint= (the app and CLI: "
+           "--detector PATH).")
     paths = [hub_file(repo_id, name, how_to_supply=how,
                       optional=name not in ("config.json", "model.safetensors"))
              for name in TRANSFORMERS_FILES]
@@ -118,7 +120,7 @@ def text_encoder_dir(text_encoder: str | os.PathLike | None) -> Path:
                                     "(the BERT WordPiece vocabulary)")
         return directory
     how = (f"Put config.json and vocab.txt of {source} in a directory and pass it as "
-           f"text_encoder= (or --text-encoder), or set {TEXT_ENCODER_ENV}.")
+           f"text_encoder=, or set {TEXT_ENCODER_ENV}.")
     paths = [hub_file(str(source), name, how_to_supply=how,
                       optional=name == "tokenizer_config.json")
              for name in TEXT_ENCODER_FILES]

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from grounding import hub
 from grounding.checkpoint import load_official, load_transformers, read_transformers_config
-from grounding.config import PRESETS, GroundingDINOConfig
+from grounding.config import BERT_ARCHITECTURE_KEYS, PRESETS, GroundingDINOConfig
 from grounding.model import build_model
 from grounding.predictor import Detector
-
-_BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",
-              "layer_norm_eps", "pad_token_id")
 
 
 def load_detector(checkpoint: str | os.PathLike | None = None, *,
@@ -85,7 +82,4 @@ def _with_text_architecture(config: GroundingDINOConfig, directory: Path) -> Gro
         return config
     with open(path, encoding="utf-8") as handle:
         bert = json.load(handle)
-    text = {key: bert[key] for key in _BERT_KEYS if key in bert}
-    from dataclasses import replace
-
-    return replace(config, text=text)
+    return replace(config, text={key: bert[key] for key in BERT_ARCHITECTURE_KEYS if key in bert})

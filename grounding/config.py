@@ -134,7 +134,7 @@ def from_transformers_config(config: dict[str, Any]) -> GroundingDINOConfig:
         drop_path_rate=swin.get("drop_path_rate", 0.2),
     )
     text = {k: v for k, v in (config.get("text_config") or {}).items()
-            if k in _BERT_ARCHITECTURE_KEYS}
+            if k in BERT_ARCHITECTURE_KEYS}
     return GroundingDINOConfig(
         backbone=backbone,
         text=text,
@@ -156,7 +156,7 @@ def from_transformers_config(config: dict[str, Any]) -> GroundingDINOConfig:
     )
 
 
-_BERT_ARCHITECTURE_KEYS = {
+BERT_ARCHITECTURE_KEYS = {
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id",
 }

@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
+import timing  # scripts/timing.py, beside this script
 import torch
 from segment_anything import sam_model_registry
 
@@ -69,15 +69,7 @@ def main() -> None:
     segmenter = BoxSegmenter(sam_model_registry[args.sam](checkpoint=None).to(device).eval())
 
     def timed(fn):
-        """fn's result and (wall seconds, CPU-seconds per wall-second)."""
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        return result, (seconds, (time.process_time() - cpu) / seconds)
+        return timing.timed(fn, device)
 
     rows: dict[str, list[tuple[float, float]]] = {}
     raw = detector.infer(image, PROMPT)  # warm-up, and the scores that set the thresholds

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import time
 
 import torch
+from timing import timed  # scripts/timing.py, beside this script
 
 from grounding.config import PRESETS
 from grounding.model import build_model
@@ -42,30 +42,21 @@ def main() -> None:
     token_mask = torch.ones_like(input_ids, dtype=torch.bool)
     masks = sub_sentence_masks(input_ids, token_mask, BERT_SPECIAL_TOKEN_IDS)
 
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return result, time.perf_counter() - start, time.process_time() - cpu
-
     rows = {"image encoder": [], "text + enhancer + decoder": [], "total": []}
     load = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     with torch.inference_mode(), autocast:
         for run in range(args.runs + 1):
-            features, image_s, image_cpu = timed(lambda: model.encode_image(pixels))
-            _, ground_s, ground_cpu = timed(
+            features, (image_s, image_load) = timed(lambda: model.encode_image(pixels), device)
+            _, (ground_s, ground_load) = timed(
                 lambda features=features: model.ground(features, input_ids, token_mask,
-                                                       text_masks=masks))
+                                                       text_masks=masks), device)
             if run == 0:
                 continue  # warm-up
             rows["image encoder"].append(image_s)
             rows["text + enhancer + decoder"].append(ground_s)
             rows["total"].append(image_s + ground_s)
-            load.append((image_cpu + ground_cpu) / (image_s + ground_s))
+            load.append((image_load * image_s + ground_load * ground_s) / (image_s + ground_s))
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"{args.config} {height}x{width} on {device} ({args.threads} threads"
           f"{', bf16 autocast' if args.bf16 else ', fp32'}), {args.runs} runs after a warm-up")

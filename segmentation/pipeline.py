@@ -8,9 +8,12 @@ kept, least recently used first out, within one byte budget:
 - per image: SAM's image embedding, computed on the first run even when nothing is detected, so
   no threshold change ever runs an encoder;
 - per (image, box): the decoded mask (cropped to its True pixels) and SAM's score, so only boxes
-  that were never decoded go through the mask decoder, all in one batched call. The first run of
-  an (image, prompt) also decodes the few boxes scoring just below the threshold, so nudging the
-  slider down is instant too (the decoder costs about 0.1 s per box on 2 CPU cores).
+  that were never decoded go through the mask decoder, all in one batched call.
+
+Lowering the box threshold reveals boxes, and SAM's decoder costs about 0.1 s per box on 2 CPU
+cores; so the boxes just below the threshold are decoded ahead: either in the first run of an
+(image, prompt) (`prefetch_boxes`, synchronous), or, with `background_boxes`, by a background thread
+after every run, best first, a couple of boxes at a time, giving way to any new request.
 
 Images are keyed by a hash of their pixels, so the same picture uploaded twice is recognised.
 """
@@ -18,6 +21,7 @@ Images are keyed by a hash of their pixels, so the same picture uploaded twice i
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from grounding import Detector, RawPrediction, load_detector
+from grounding import Detections, Detector, RawPrediction, load_detector
 from grounding.config import PRESETS
 from grounding.predictor import normalize_caption
 from segmentation.cache import ByteLRU
@@ -39,6 +43,10 @@ from segmentation.sam import sam_checkpoint as official_sam_checkpoint
 DEFAULT_CACHE_BYTES = 1 << 30
 # Prefetched boxes score at most this much below the box threshold.
 PREFETCH_MARGIN = 0.1
+# Boxes per background decoder call: a request arriving meanwhile waits for at most one call.
+BACKGROUND_CHUNK = 2
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +61,8 @@ class SegmentedDetections:
         prompt_phrases: the prompt's phrases, in order.
         masks: (N, H, W) bool at the image's resolution, True = object; mask i belongs to box i.
         mask_scores: (N,) float32, SAM's predicted IoU of each mask.
+        omitted: detections above the box threshold left out by `max_detections` (the lowest
+            scoring ones).
     """
 
     boxes: np.ndarray
@@ -62,6 +72,7 @@ class SegmentedDetections:
     prompt_phrases: list[str]
     masks: np.ndarray
     mask_scores: np.ndarray
+    omitted: int = 0
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -78,8 +89,9 @@ class PipelineStats:
 
     detector_runs: int = 0  # Detector.infer calls
     image_embeddings: int = 0  # SAM image encoder runs
-    segment_calls: int = 0  # BoxSegmenter.segment calls (mask decoder)
-    boxes_decoded: int = 0
+    segment_calls: int = 0  # BoxSegmenter.segment calls (mask decoder) for requests
+    boxes_decoded: int = 0  # boxes decoded for requests (shown or prefetched synchronously)
+    background_boxes_decoded: int = 0  # boxes decoded ahead by the background thread
 
 
 @dataclass
@@ -96,11 +108,24 @@ class _Mask:
         self.nbytes = self.crop.nbytes + 64
 
 
+@dataclass
+class _Lookahead:
+    """Boxes below the threshold of the latest run, to decode in the background."""
+
+    image_key: str
+    raw: RawPrediction
+    embedding: ImageEmbedding
+    thresholds: tuple[float, float, float | None]  # box, text, NMS
+    boxes: np.ndarray | None = None  # (K, 4), best first; chosen by the background thread
+    done: int = 0  # boxes of `boxes` handled
+
+
 class GroundedSAM:
     """Grounding DINO + SAM with caches; safe to call from several threads (runs one at a time)."""
 
     def __init__(self, detector: Detector, segmenter: BoxSegmenter, *,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch_boxes: int = 8) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch_boxes: int = 8,
+                 background_boxes: int = 0) -> None:
         """
         Args:
             detector: finds boxes and phrases (`infer` once, `select` per threshold).
@@ -108,18 +133,27 @@ class GroundedSAM:
             cache_bytes: budget for raw outputs, embeddings and masks together (about 1 MB per
                 (image, prompt), 4 MB per SAM embedding, at most H x W bytes per mask).
             prefetch_boxes: on the first run of an (image, prompt), also decode up to this many
-                of the best boxes below the box threshold (by at most PREFETCH_MARGIN).
+                of the best boxes below the box threshold (by at most PREFETCH_MARGIN). Not
+                done when `background_boxes` is set.
+            background_boxes: after each run, a background thread decodes up to this many of the
+                best boxes below the box threshold (0: no thread). Interactive use on a CPU; not
+                under ZeroGPU, where CUDA may only be used inside a request.
         """
         self.detector = detector
         self.segmenter = segmenter
         self.prefetch_boxes = prefetch_boxes
+        self.background_boxes = background_boxes
         self.cache = ByteLRU(cache_bytes)
         self.stats = PipelineStats()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while models run and caches change
+        self._jobs = threading.Condition()  # guards the three fields below
+        self._requests = 0  # runs waiting for or holding `_lock`: the background gives way
+        self._lookahead: _Lookahead | None = None
+        self._worker: threading.Thread | None = None
 
     def run(self, image: Image.Image | np.ndarray, prompt: str, box_threshold: float = 0.35,
             text_threshold: float = 0.25, nms_threshold: float | None = None,
-            ) -> SegmentedDetections:
+            max_detections: int | None = None) -> SegmentedDetections:
         """Detect what `prompt` names and segment each detection.
 
         Args:
@@ -130,24 +164,63 @@ class GroundedSAM:
             box_threshold: keep boxes whose best token probability is above this.
             text_threshold: tokens above this form a box's label (never removes a box).
             nms_threshold: optional per-phrase non-maximum suppression IoU.
+            max_detections: keep at most this many (the best scoring); the result's `omitted`
+                counts the rest. Each mask is H x W bytes, and costs about 0.1 s of decoding on
+                a CPU: a cap keeps a threshold near 0 (up to 900 boxes) from exhausting both.
 
         Raises:
-            ValueError: an empty prompt, thresholds outside [0, 1], or an unusable image.
+            ValueError: an empty prompt, thresholds outside [0, 1], `max_detections` < 0, or an
+                unusable image.
         """
+        if max_detections is not None and max_detections < 0:
+            raise ValueError(f"max_detections must be >= 0 or None, got {max_detections}")
         pixels = rgb_array(image)
         caption = normalize_caption(prompt)
-        with self._lock:
-            image_key = _digest(pixels)
-            raw, fresh = self._raw_prediction(pixels, image_key, caption)
-            detections = self.detector.select(raw, box_threshold, text_threshold, nms_threshold)
-            embedding = self._embedding(pixels, image_key)
-            prefetch = (self._boxes_below(raw, box_threshold, text_threshold, nms_threshold)
-                        if fresh else np.zeros((0, 4), np.float32))
-            masks, mask_scores = self._masks(image_key, embedding, detections.boxes, prefetch)
-        return SegmentedDetections(
+        with self._jobs:
+            self._requests += 1
+        try:
+            with self._lock:
+                result, lookahead = self._run(pixels, caption, box_threshold, text_threshold,
+                                              nms_threshold, max_detections)
+        finally:
+            with self._jobs:
+                self._requests -= 1
+                self._jobs.notify_all()
+        if self.background_boxes > 0 and lookahead is not None:
+            self._look_ahead(lookahead)
+        return result
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until the background thread has nothing left to decode; False on timeout."""
+        with self._jobs:
+            return self._jobs.wait_for(lambda: self._worker is None, timeout)
+
+    def _run(self, pixels: np.ndarray, caption: str, box_threshold: float,
+             text_threshold: float, nms_threshold: float | None, max_detections: int | None,
+             ) -> tuple[SegmentedDetections, _Lookahead | None]:
+        """`run` itself, under the lock; also what the background thread may decode next."""
+        image_key = _digest(pixels)
+        raw, fresh = self._raw_prediction(pixels, image_key, caption)
+        detections = self.detector.select(raw, box_threshold, text_threshold, nms_threshold)
+        omitted = 0
+        if max_detections is not None and len(detections) > max_detections:
+            omitted = len(detections) - max_detections
+            detections = Detections(  # scores are descending: the best come first
+                detections.boxes[:max_detections], detections.scores[:max_detections],
+                detections.phrases[:max_detections], detections.phrase_ids[:max_detections],
+                detections.prompt_phrases)
+        embedding = self._embedding(pixels, image_key)
+        prefetch = (self._boxes_below(raw, box_threshold, text_threshold, nms_threshold)
+                    if fresh and not self.background_boxes else np.zeros((0, 4), np.float32))
+        masks, mask_scores = self._masks(image_key, embedding, detections.boxes, prefetch)
+        result = SegmentedDetections(
             boxes=detections.boxes, scores=detections.scores, phrases=detections.phrases,
             phrase_ids=detections.phrase_ids, prompt_phrases=detections.prompt_phrases,
-            masks=masks, mask_scores=mask_scores)
+            masks=masks, mask_scores=mask_scores, omitted=omitted)
+        if omitted:  # at the cap, a lower threshold reveals no box
+            return result, None
+        return result, _Lookahead(image_key, raw, embedding,
+                                  (box_threshold, text_threshold, nms_threshold))
 
     def _raw_prediction(self, pixels: np.ndarray, image_key: str, caption: str,
                         ) -> tuple[RawPrediction, bool]:
@@ -171,6 +244,60 @@ class GroundedSAM:
         nearby = self.detector.select(raw, max(0.0, box_threshold - PREFETCH_MARGIN),
                                       text_threshold, nms_threshold)
         return nearby.boxes[nearby.scores <= box_threshold][:self.prefetch_boxes]
+
+    def _look_ahead(self, lookahead: _Lookahead) -> None:
+        """Make `lookahead` the background thread's job (replacing any older one)."""
+        with self._jobs:
+            self._lookahead = lookahead
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._decode_ahead, daemon=True,
+                                                name="grounded-sam-lookahead")
+                self._worker.start()
+
+    def _decode_ahead(self) -> None:
+        """The background thread: decode the latest job's boxes, a chunk at a time, whenever no
+        request is waiting; exit when there is nothing left."""
+        while True:
+            with self._jobs:
+                self._jobs.wait_for(lambda: self._requests == 0)
+                job = self._lookahead
+                if job is None:
+                    self._worker = None
+                    self._jobs.notify_all()
+                    return
+            with self._lock:
+                if self._requests or job is not self._lookahead:
+                    continue  # a request came in first, or replaced the job
+                try:
+                    finished = self._decode_chunk(job)
+                except Exception:  # a failed guess must not take the app down
+                    log.exception("decoding masks ahead failed; stopping for this request")
+                    finished = True
+            if finished:
+                with self._jobs:
+                    if self._lookahead is job:
+                        self._lookahead = None
+
+    def _decode_chunk(self, job: _Lookahead) -> bool:
+        """Decode the next BACKGROUND_CHUNK uncached boxes of `job`; True when none are left."""
+        if job.boxes is None:
+            box_threshold, text_threshold, nms_threshold = job.thresholds
+            below = self.detector.select(job.raw, 0.0, text_threshold, nms_threshold)
+            job.boxes = below.boxes[below.scores <= box_threshold][:self.background_boxes]
+        chunk = []
+        while job.done < len(job.boxes) and len(chunk) < BACKGROUND_CHUNK:
+            box = job.boxes[job.done]
+            job.done += 1
+            if ("mask", job.image_key, box.tobytes()) not in self.cache:
+                chunk.append(box)
+        if chunk:
+            self.segmenter.use(job.embedding)
+            masks, scores = self.segmenter.segment(np.stack(chunk))
+            self.stats.background_boxes_decoded += len(chunk)
+            for box, mask, score in zip(chunk, masks, scores, strict=True):
+                entry = _crop(mask, float(score))
+                self.cache.put(("mask", job.image_key, box.tobytes()), entry, entry.nbytes)
+        return job.done >= len(job.boxes)
 
     def _embedding(self, pixels: np.ndarray, image_key: str) -> ImageEmbedding:
         key = ("embedding", image_key)

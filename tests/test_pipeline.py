@@ -1,6 +1,8 @@
 """The pipeline and its caches: what runs when thresholds change, where masks land, byte budgets."""
 
 import contextlib
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -303,3 +305,91 @@ def test_load_pipeline_reports_a_missing_sam_file_before_loading_the_detector(tm
     monkeypatch.setattr(pipeline_module, "load_detector", no_detector)
     with pytest.raises(OfflineError, match="sam_vit_h_4b8939.pth"):
         load_pipeline(sam="vit_h", device="cpu")
+
+
+def test_max_detections_keeps_the_best_and_counts_the_rest(image):
+    rng = np.random.default_rng(2)
+    corners = rng.uniform(0, 66, (40, 2, 2))
+    boxes = np.concatenate([corners.min(1), corners.max(1) + 30], axis=1)
+    pipeline = GroundedSAM(StubDetector(boxes, np.linspace(0.95, 0.4, 40)), painting_segmenter(),
+                           prefetch_boxes=0)
+    result = pipeline.run(image, "things", 0.5, max_detections=5)
+    above = int((np.linspace(0.95, 0.4, 40) > 0.5).sum())
+    assert len(result) == 5 and result.omitted == above - 5
+    np.testing.assert_array_equal(result.boxes, boxes[:5].astype(np.float32))
+    assert result.masks.shape[0] == 5 and pipeline.stats.boxes_decoded == 5
+    assert pipeline.run(image, "things", 0.5).omitted == 0
+    with pytest.raises(ValueError, match="max_detections"):
+        pipeline.run(image, "things", 0.5, max_detections=-1)
+
+
+def test_background_decodes_below_the_threshold_so_lowering_it_decodes_nothing(
+        detector, image, monkeypatch):
+    background = GroundedSAM(detector, BoxSegmenter(tiny_sam()), background_boxes=6)
+    strict, middle, _ = score_cuts(background, image, PROMPT)
+    with model_calls(background, monkeypatch) as calls:
+        first = background.run(image, PROMPT, middle, 0.25)
+        assert background.wait_idle(timeout=60)
+        assert background.stats.background_boxes_decoded == 6
+        assert background.stats.boxes_decoded == len(first)  # no synchronous prefetch
+        everything = detector.select(detector.infer(image, PROMPT), 0.0, 0.25)
+        revealing = float(everything.scores[len(first) + 5])  # shows exactly 5 more
+        reset(calls)
+        lower = background.run(image, PROMPT, revealing, 0.25)
+        assert len(lower) == len(first) + 5
+        assert calls["decoder"] == [] and calls["infer"] == 0 and calls["encoder"] == 0
+    # Masks decoded ahead are the masks a plain pipeline decodes for those boxes (the scores up
+    # to float rounding: the decoder's batches differ).
+    plain = GroundedSAM(detector, BoxSegmenter(background.segmenter.sam), prefetch_boxes=0)
+    expected = plain.run(image, PROMPT, revealing, 0.25)
+    np.testing.assert_array_equal(lower.masks, expected.masks)
+    np.testing.assert_allclose(lower.mask_scores, expected.mask_scores, atol=1e-5)
+    assert background.wait_idle(timeout=60)
+
+
+def test_requests_go_before_the_background_and_replace_its_job(detector, monkeypatch):
+    """The background decodes a couple of boxes per call and yields to a waiting request; the
+    request's own boxes come next, and the older job is dropped for the request's."""
+    big = np.random.default_rng(3).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    small = np.random.default_rng(4).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()), background_boxes=40)
+    log = []
+    segment = pipeline.segmenter.segment
+
+    def slow_segment(boxes):
+        log.append(("background" if threading.current_thread().name == "grounded-sam-lookahead"
+                    else "request", pipeline.segmenter.predictor.original_size, len(boxes)))
+        time.sleep(0.05)
+        return segment(boxes)
+
+    monkeypatch.setattr(pipeline.segmenter, "segment", slow_segment)
+    first = pipeline.run(big, PROMPT, 0.5, 0.25)
+    second = pipeline.run(small, PROMPT, 0.5, 0.25)
+    assert pipeline.wait_idle(timeout=60)
+    requests = [index for index, (who, _, _) in enumerate(log) if who == "request"]
+    big_ahead = [entry for entry in log if entry[0] == "background" and entry[1] == (96, 128)]
+    small_ahead = [entry for entry in log if entry[0] == "background" and entry[1] == (64, 80)]
+    assert len(requests) == (len(first) > 0) + (len(second) > 0)
+    assert len(big_ahead) <= 1, "the first job went on after a newer request"
+    assert requests[-1] <= requests[0] + 2, "the second request waited for the background"
+    assert all(count <= pipeline_module.BACKGROUND_CHUNK for _, _, count in small_ahead)
+    assert sum(count for _, _, count in small_ahead) == min(
+        40, int((detector.select(detector.infer(small, PROMPT), 0.0, 0.25).scores <= 0.5).sum()))
+
+
+def test_a_failing_background_decode_is_logged_and_requests_still_work(detector, image,
+                                                                       monkeypatch, caplog):
+    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()), background_boxes=4)
+    segment = pipeline.segmenter.segment
+
+    def failing_in_background(boxes):
+        if threading.current_thread().name == "grounded-sam-lookahead":
+            raise RuntimeError("out of memory")
+        return segment(boxes)
+
+    monkeypatch.setattr(pipeline.segmenter, "segment", failing_in_background)
+    pipeline.run(image, PROMPT, 0.6, 0.25)
+    assert pipeline.wait_idle(timeout=60)
+    assert "decoding masks ahead failed" in caplog.text
+    assert len(pipeline.run(image, PROMPT, 0.3, 0.25)) >= 0  # served as usual
+    assert pipeline.wait_idle(timeout=60)

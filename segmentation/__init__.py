@@ -9,14 +9,10 @@
                                 height=image.height)
 """
 
+from segmentation.build import load_pipeline
 from segmentation.export import rle_decode, rle_encode, to_coco, to_json_dict, to_zip
 from segmentation.images import load_image
-from segmentation.pipeline import (
-    GroundedSAM,
-    PipelineStats,
-    SegmentedDetections,
-    load_pipeline,
-)
+from segmentation.pipeline import GroundedSAM, PipelineStats, SegmentedDetections
 from segmentation.sam import (
     SAM_CHECKPOINTS,
     BoxSegmenter,

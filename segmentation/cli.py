@@ -117,7 +117,7 @@ def model_choice(args: argparse.Namespace, environ: Mapping[str, str] = os.envir
 
 def load_models(choice: ModelChoice):
     """The GroundedSAM pipeline for a choice (downloads weights on first use unless offline)."""
-    from segmentation.pipeline import load_pipeline
+    from segmentation.build import load_pipeline
 
     return load_pipeline(detector=choice.detector, sam=choice.sam, device=choice.device,
                          offline=choice.offline, sam_checkpoint=choice.sam_checkpoint)

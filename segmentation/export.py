@@ -13,6 +13,7 @@ import json
 import re
 import warnings
 import zipfile
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,8 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"expected an (H, W) mask, got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    # One column-major copy, viewed as uint8 (same item size as bool): no second copy.
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(bool, copy=False)).view(np.uint8))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])],
             "counts": rle["counts"].decode("ascii")}
 
@@ -49,16 +51,22 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
 
 
 def to_coco(result: SegmentedDetections, *, file_name: str, width: int, height: int,
-            image_id: int = 1) -> dict[str, Any]:
+            image_id: int = 1, rles: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A COCO dataset dict (images, annotations, categories) for one image.
 
     Categories are the prompt's phrases (repeated phrases once), ids from 1; each annotation
     carries the detector's box as bbox, its score, its label text as "phrase", the mask as RLE
     segmentation and its pixel count as area.
+
+    Args:
+        rles: `rle_encode` of each mask, when the caller already has them (an app re-exporting
+            after every slider move); default: encoded here.
     """
     if len(result) and result.image_size != (width, height):
         raise ValueError(f"the masks are {result.image_size[0]} x {result.image_size[1]}, "
                          f"not {width} x {height}")
+    if rles is not None and len(rles) != len(result):
+        raise ValueError(f"{len(rles)} RLEs for {len(result)} detections")
     names = list(dict.fromkeys(result.prompt_phrases))
     annotations = []
     for index in range(len(result)):
@@ -67,8 +75,8 @@ def to_coco(result: SegmentedDetections, *, file_name: str, width: int, height: 
         annotations.append({
             "id": index + 1, "image_id": image_id, "category_id": category,
             "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "area": int(result.masks[index].sum()),
-            "segmentation": rle_encode(result.masks[index]),
+            "area": int(np.count_nonzero(result.masks[index])),
+            "segmentation": rle_encode(result.masks[index]) if rles is None else rles[index],
             "iscrowd": 0,
             "score": float(result.scores[index]),
             "mask_score": float(result.mask_scores[index]),
@@ -86,7 +94,8 @@ def to_json_dict(result: SegmentedDetections) -> dict[str, Any]:
     """Plain lists and numbers for an API: index i of every list describes detection i.
 
     Keys: width, height, prompt_phrases, boxes (x0, y0, x1, y1 pixels), scores, phrases,
-    phrase_ids, mask_scores, masks (COCO RLE dicts, see `rle_decode`).
+    phrase_ids, mask_scores, masks (COCO RLE dicts, see `rle_decode`), and omitted: how many
+    detections above the box threshold were left out by a cap on their number.
     """
     width, height = result.image_size
     return {
@@ -98,6 +107,7 @@ def to_json_dict(result: SegmentedDetections) -> dict[str, Any]:
         "phrase_ids": [int(i) for i in result.phrase_ids],
         "mask_scores": [round(float(s), 4) for s in result.mask_scores],
         "masks": [rle_encode(mask) for mask in result.masks],
+        "omitted": int(result.omitted),
     }
 
 

@@ -1,4 +1,4 @@
-"""Image + prompt + thresholds -> detections with masks, computing nothing twice; `load_pipeline`.
+"""Image + prompt + thresholds -> detections with masks, computing nothing twice.
 
 Grounded SAM: Grounding DINO's boxes prompt SAM. What makes the threshold sliders instant is what is
 kept, least recently used first out, within one byte budget:
@@ -20,25 +20,21 @@ Images are keyed by a hash of their pixels, so the same picture uploaded twice i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from grounding import Detections, Detector, RawPrediction, load_detector
-from grounding.config import PRESETS
+from grounding import Detections, Detector, RawPrediction
 from grounding.predictor import normalize_caption
 from segmentation.cache import ByteLRU
 from segmentation.images import rgb_array
-from segmentation.offline import tiny_detector, tiny_sam
-from segmentation.sam import BoxSegmenter, ImageEmbedding, build_sam
-from segmentation.sam import sam_checkpoint as official_sam_checkpoint
+from segmentation.sam import BoxSegmenter, ImageEmbedding
 
 DEFAULT_CACHE_BYTES = 1 << 30
 # Prefetched boxes score at most this much below the box threshold.
@@ -147,7 +143,7 @@ class GroundedSAM:
         self.stats = PipelineStats()
         self._lock = threading.Lock()  # held while models run and caches change
         self._jobs = threading.Condition()  # guards the three fields below
-        self._requests = 0  # runs waiting for or holding `_lock`: the background gives way
+        self._requests = 0  # runs and other holders (`hold`): the background gives way
         self._lookahead: _Lookahead | None = None
         self._worker: threading.Thread | None = None
 
@@ -176,19 +172,28 @@ class GroundedSAM:
             raise ValueError(f"max_detections must be >= 0 or None, got {max_detections}")
         pixels = rgb_array(image)
         caption = normalize_caption(prompt)
+        with self.hold(), self._lock:
+            result, lookahead = self._run(pixels, caption, box_threshold, text_threshold,
+                                          nms_threshold, max_detections)
+        if self.background_boxes > 0 and lookahead is not None:
+            self._look_ahead(lookahead)
+        return result
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Pause the background thread meanwhile (it finishes the chunk it is decoding).
+
+        `run` holds it; a caller that goes on to draw or export a result should hold it over
+        both, so that on a 2-core CPU the background does not slow the answer down.
+        """
         with self._jobs:
             self._requests += 1
         try:
-            with self._lock:
-                result, lookahead = self._run(pixels, caption, box_threshold, text_threshold,
-                                              nms_threshold, max_detections)
+            yield
         finally:
             with self._jobs:
                 self._requests -= 1
                 self._jobs.notify_all()
-        if self.background_boxes > 0 and lookahead is not None:
-            self._look_ahead(lookahead)
-        return result
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until the background thread has nothing left to decode; False on timeout."""
@@ -337,55 +342,6 @@ class GroundedSAM:
                  entry.left:entry.left + entry.crop.shape[1]] = entry.crop
         scores = np.array([entry.score for entry in found], dtype=np.float32)
         return masks, scores
-
-
-def load_pipeline(*, detector: str | os.PathLike = "swint_ogc", sam: str = "vit_b",
-                  device: str | torch.device | None = None, offline: bool = False,
-                  sam_checkpoint: str | os.PathLike | None = None,
-                  detector_config: str = "swint_ogc",
-                  text_encoder: str | os.PathLike | None = None,
-                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> GroundedSAM:
-    """Grounding DINO + SAM, weights loaded, on `device`.
-
-    Args:
-        detector: "swint_ogc" or "swinb_cogcoor" (official weights from the Hub, or
-            `$GROUNDING_DINO_CHECKPOINT`), or the path of an official `.pth` or of a
-            transformers-format directory.
-        sam: "vit_b", "vit_l" or "vit_h".
-        device: default CUDA when available, else CPU.
-        offline: tiny random-weight models instead (no files, no downloads; boxes and masks
-            are noise). Every other model argument is then ignored.
-        sam_checkpoint: a SAM `.pth` for `sam`; default `$SAM_CHECKPOINT`, else the official file
-            (downloaded once into `$SAM_CACHE_DIR` or ~/.cache/grounded-sam).
-        detector_config: the architecture of a `.pth` passed as `detector`.
-        text_encoder: BERT's tokenizer directory or Hub id (see `grounding.load_detector`).
-        cache_bytes: the pipeline's cache budget.
-
-    Raises:
-        grounding.hub.OfflineError: a weight file is missing and cannot be downloaded (the
-            message names the file and how to supply it).
-    """
-    if offline:
-        return GroundedSAM(tiny_detector(device), BoxSegmenter(tiny_sam().to(_device(device))),
-                           cache_bytes=cache_bytes)
-    if not (detector in PRESETS or Path(detector).exists()):
-        raise ValueError(f"unknown detector {detector!r}: choose one of {sorted(PRESETS)} or give "
-                         "the path of a checkpoint")
-    # Resolved first, so a missing SAM file is reported before the detector spends time loading.
-    sam_path = sam_checkpoint if sam_checkpoint is not None else official_sam_checkpoint(sam)
-    if detector in PRESETS:
-        grounding_detector = load_detector(config=detector, text_encoder=text_encoder,
-                                           device=device)
-    else:
-        grounding_detector = load_detector(detector, config=detector_config,
-                                           text_encoder=text_encoder, device=device)
-    segment_anything = build_sam(sam, sam_path, device=device)
-    return GroundedSAM(grounding_detector, BoxSegmenter(segment_anything),
-                       cache_bytes=cache_bytes)
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _digest(pixels: np.ndarray) -> str:

@@ -4,12 +4,14 @@ Boxes and labels are drawn by supervision from an `sv.Detections` built directly
 `from_transformers` does not fit Grounding DINO's string labels). Masks are blended here in one pass
 with supervision's colours and its order (smaller masks on top): `sv.MaskAnnotator` indexes the
 whole frame once per mask and took 1.3 s for 300 box-sized masks on a 1200 x 800 image, this takes
-0.17 s. supervision draws with OpenCV, whose colours are BGR, so the RGB image is flipped around
-the drawing and the colours match `legend`'s hex codes.
+0.08 s (25 masks of 20 % of the frame: 20 ms), which matters because every slider move redraws.
+supervision draws with OpenCV, whose colours are BGR, so the RGB image is converted around the
+drawing and the colours match `legend`'s hex codes.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import supervision as sv
 from PIL import Image
@@ -58,7 +60,7 @@ def annotate(image: Image.Image | np.ndarray, result: SegmentedDetections, *,
     scene = _bgr_scene(image, result)
     _blend_masks(scene, result, mask_opacity)
     _draw_boxes_and_labels(scene, result)
-    return np.ascontiguousarray(scene[..., ::-1])
+    return cv2.cvtColor(scene, cv2.COLOR_BGR2RGB)
 
 
 def annotated_image_value(image: Image.Image | np.ndarray, result: SegmentedDetections,
@@ -72,7 +74,7 @@ def annotated_image_value(image: Image.Image | np.ndarray, result: SegmentedDete
     scene = _bgr_scene(image, result)
     _draw_boxes_and_labels(scene, result)
     phrases = [result.prompt_phrases[int(i)] for i in result.phrase_ids]
-    return np.ascontiguousarray(scene[..., ::-1]), list(zip(result.masks, phrases, strict=True))
+    return cv2.cvtColor(scene, cv2.COLOR_BGR2RGB), list(zip(result.masks, phrases, strict=True))
 
 
 def _draw_boxes_and_labels(scene: np.ndarray, result: SegmentedDetections) -> None:
@@ -89,6 +91,8 @@ def _draw_boxes_and_labels(scene: np.ndarray, result: SegmentedDetections) -> No
 def _blend_masks(scene: np.ndarray, result: SegmentedDetections, opacity: float) -> None:
     """Blend each mask's phrase colour into the BGR `scene`, in place; smaller masks on top."""
     masks = result.masks
+    if not len(masks):
+        return
     rows, columns = masks.any(axis=2), masks.any(axis=1)  # (N, H), (N, W)
     windows: list[tuple[slice, slice] | None] = []
     areas = np.zeros(len(masks), dtype=np.int64)
@@ -97,14 +101,15 @@ def _blend_masks(scene: np.ndarray, result: SegmentedDetections, opacity: float)
         windows.append((slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)) if len(ys) else None)
         if len(ys):
             areas[index] = np.count_nonzero(masks[index][windows[index]])
-    shown = np.full(scene.shape[:2], -1, dtype=np.int32)  # (H, W) index of the mask on top
+    # (H, W) 1 + index of the mask on top, 0 where none; putmask writes through window views.
+    shown = np.zeros(scene.shape[:2], dtype=np.int32)
     for index in np.argsort(-areas, kind="stable"):
         if windows[index] is not None:
-            shown[windows[index]][masks[index][windows[index]]] = index
-    covered = shown >= 0
-    colors = np.array([PALETTE.by_idx(int(i)).as_bgr() for i in result.phrase_ids],
-                      dtype=np.float32).reshape(-1, 3)[shown[covered]]  # (K, 3)
-    scene[covered] = np.rint(scene[covered] * (1 - opacity) + colors * opacity).astype(np.uint8)
+            np.putmask(shown[windows[index]], masks[index][windows[index]], index + 1)
+    colors = np.zeros((len(masks) + 1, 3), dtype=np.uint8)  # row 0: no mask
+    colors[1:] = [PALETTE.by_idx(int(i)).as_bgr() for i in result.phrase_ids]
+    blended = cv2.addWeighted(scene, 1 - opacity, np.take(colors, shown, axis=0), opacity, 0.0)
+    cv2.copyTo(blended, (shown > 0).view(np.uint8), scene)  # in place, where a mask is
 
 
 def _bgr_scene(image: Image.Image | np.ndarray, result: SegmentedDetections) -> np.ndarray:
@@ -114,4 +119,4 @@ def _bgr_scene(image: Image.Image | np.ndarray, result: SegmentedDetections) -> 
     if size != result.image_size:
         raise ValueError(f"the image is {size[0]} x {size[1]} but the masks are "
                          f"{result.image_size[0]} x {result.image_size[1]}")
-    return np.ascontiguousarray(pixels[..., ::-1])
+    return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2BGR)

@@ -28,13 +28,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(app module, client) for the app launched in this process on a free port."""
+    """(segmentation.app_events, client) for the app launched in this process on a free port
+    (so tests can read the pipeline's counters and patch the handlers' settings)."""
     tmp = tmp_path_factory.mktemp("app")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
         patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp / "examples"))
         patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         import app
+        from segmentation import app_events
         from segmentation.cli import ModelChoice
 
         config = app.AppConfig(models=ModelChoice("swint_ogc", "vit_b", "cpu", offline=True),
@@ -43,7 +45,7 @@ def served(tmp_path_factory):
         _, url, _ = app.launch(demo, config, prevent_thread_lock=True, quiet=True)
         client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
         try:
-            yield app, client
+            yield app_events, client
         finally:
             client.close()
             demo.close()
@@ -106,6 +108,7 @@ def test_segment_returns_boxes_phrases_and_decodable_masks(served, images):
     assert result["prompt_phrases"] == ["red ball", "blue box"]
     assert result["phrases"] == [result["prompt_phrases"][i] for i in result["phrase_ids"]]
     assert result["scores"] == sorted(result["scores"], reverse=True)
+    assert result["omitted"] == 0
     boxes = np.array(result["boxes"])
     assert boxes.shape == (n, 4)
     assert (boxes[:, :2] <= boxes[:, 2:]).all() and (boxes >= 0).all()
@@ -115,9 +118,9 @@ def test_segment_returns_boxes_phrases_and_decodable_masks(served, images):
 
 
 def test_threshold_change_refilters_without_running_the_models(served, images):
-    app, client = served
+    events, client = served
     everything = segment(client, images["rgb.png"], box=0.0)
-    stats = app.MODELS.get().stats
+    stats = events.MODELS.get().stats
     runs = (stats.detector_runs, stats.image_embeddings)
     threshold = float(np.median(everything["scores"]))
     kept = segment(client, images["rgb.png"], box=threshold)
@@ -187,19 +190,30 @@ def test_bad_prompts_and_thresholds_give_clear_errors(served, images, prompt, bo
     assert len(segment(client, images["rgb.png"])["boxes"]) > 0
 
 
-def test_long_prompt_and_hundreds_of_detections(served, images):
-    """Over 256 tokens: the detector runs several text passes, each adding its own boxes."""
-    _, client = served
-    phrases = [f"object number {i}" for i in range(30)]  # about 600 tokens: 3 text passes
-    result = segment(client, images["rgb.png"], prompt=" . ".join(phrases), box=0.0)
-    assert len(result["boxes"]) >= 100
-    assert result["prompt_phrases"] == phrases
-    assert set(result["phrases"]) <= set(phrases)
-    assert max(result["phrase_ids"]) >= 20, "phrases past token 256 were dropped"
-    annotated, coco_path, zip_path = client.predict(
-        handle_file(str(images["rgb.png"])), " . ".join(phrases), 0.0, 0.0,
-        api_name="/annotate")
-    assert len(json.loads(Path(coco_path).read_text())["annotations"]) == len(result["boxes"])
+def test_long_prompt_and_the_detection_cap(served, images, monkeypatch):
+    """Over 256 tokens: the detector runs several text passes, each adding its own boxes; of
+    those above the threshold the API returns the best MAX_DETECTIONS and counts the rest."""
+    events, client = served
+    phrases = [f"object number {i}" for i in range(60)]  # 4 text passes of 50 queries here
+    prompt = " . ".join(phrases)
+    capped = segment(client, images["rgb.png"], prompt=prompt, box=0.0)
+    assert len(capped["boxes"]) == len(capped["masks"]) == events.MAX_DETECTIONS
+    assert capped["omitted"] > 0
+
+    monkeypatch.setattr(events, "MAX_DETECTIONS", None)
+    everything = segment(client, images["rgb.png"], prompt=prompt, box=0.0)
+    monkeypatch.undo()
+    assert everything["omitted"] == 0
+    assert len(everything["boxes"]) == len(capped["boxes"]) + capped["omitted"]
+    assert capped["scores"] == everything["scores"][:len(capped["scores"])], "not the best ones"
+    assert capped["boxes"] == everything["boxes"][:len(capped["boxes"])]
+    assert everything["prompt_phrases"] == phrases
+    assert set(everything["phrases"]) <= set(phrases)
+    assert max(everything["phrase_ids"]) >= 50, "phrases past token 256 were dropped"
+
+    _, coco_path, _ = client.predict(handle_file(str(images["rgb.png"])), prompt, 0.0, 0.0,
+                                     api_name="/annotate")
+    assert len(json.loads(Path(coco_path).read_text())["annotations"]) == len(capped["boxes"])
 
 
 def test_huge_image_is_downscaled_not_fatal(served, tmp_path):

@@ -1,4 +1,5 @@
-"""app.py's handlers called directly (no server): caching on slider moves, messages, settings."""
+"""The app's handlers (segmentation/app_events.py) called directly, no server: caching on slider
+moves, messages, the detection cap, settings; and app.py's own helpers."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "assets" / "shapes.jpg"
@@ -20,102 +23,156 @@ def no_progress(*args, **kwargs) -> None:
 
 
 @pytest.fixture(scope="module")
-def app():
-    import app
+def events():
+    """segmentation.app_events with offline models configured."""
+    from segmentation import app_events
     from segmentation.cli import ModelChoice
 
-    app.MODELS.configure(ModelChoice("swint_ogc", "vit_b", "cpu", offline=True))
+    app_events.MODELS.configure(ModelChoice("swint_ogc", "vit_b", "cpu", offline=True))
+    return app_events
+
+
+@pytest.fixture(scope="module")
+def app():
+    import app
+
     return app
 
 
 @pytest.fixture()
 def upload(tmp_path) -> dict:
     """What the image input sends with preprocess=False: a FileData dict."""
-    from PIL import Image
-
     path = tmp_path / "scene.png"
     Image.open(IMAGE).resize((160, 120)).save(path)
     return {"path": str(path), "orig_name": "my scene.png", "meta": {"_type": "gradio.FileData"}}
 
 
-def test_slider_release_reuses_the_decoded_image_and_the_models(app, upload, monkeypatch):
+def test_slider_release_reuses_the_decoded_image_and_the_models(events, upload, monkeypatch):
     decoded = []
-    real_decode = app.decode_image
-    monkeypatch.setattr(app, "decode_image", lambda path: decoded.append(path) or real_decode(path))
-    *first, session = app.ui_segment(upload, PROMPT, 0.0, 0.25, None, no_progress)
-    stats = app.MODELS.get().stats
+    real_decode = events.decode_image
+    monkeypatch.setattr(events, "decode_image",
+                        lambda path: decoded.append(path) or real_decode(path))
+    *first, session = events.ui_segment(upload, PROMPT, 0.0, 0.25, None, no_progress)
+    stats = events.MODELS.get().stats
     runs = (stats.detector_runs, stats.image_embeddings)
 
-    *second, same_session = app.ui_rethreshold(upload, PROMPT, 0.6, 0.25, session, no_progress)
+    *second, same_session = events.ui_rethreshold(upload, PROMPT, 0.6, 0.25, session,
+                                                  no_progress)
     assert decoded == [upload["path"]], "the upload was decoded again on a slider move"
     assert same_session["image"] is session["image"]
     assert (stats.detector_runs, stats.image_embeddings) == runs, "a model ran again"
-    annotated, _, table, downloads, message = second
+    picture, _, table, downloads, message = second
     assert 0 < len(table) < len(first[2])
     assert (table["score"] > 0.6).all()
-    assert annotated.shape == session["image"].shape == (120, 160, 3)
+    assert Path(picture).name == "my_scene_result.jpg"
+    assert Path(picture).parent == Path(downloads[0]).parent, "one export folder per run"
+    with Image.open(picture) as shown:
+        assert shown.format == "JPEG" and shown.size == (160, 120)
     assert f"Found {len(table)} objects" in message
     assert [Path(p).name for p in downloads] == ["my_scene_coco.json"]
 
 
-def test_zip_button_writes_masks_for_the_shown_result(app, upload):
+def test_result_image_is_a_jpeg_close_to_the_drawing(events, upload):
+    from segmentation.visualize import annotate
+
+    picture, *_, session = events.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
+    drawn = annotate(session["image"], events.run_pipeline(session["image"], PROMPT, 0.5, 0.25))
+    shown = np.asarray(Image.open(picture).convert("RGB")).astype(int)
+    assert np.abs(shown - drawn).mean() < 3, "JPEG quality 90 stays close to the drawing"
+
+
+def test_zip_button_writes_masks_for_the_shown_result(events, upload):
     import zipfile
 
-    *_, session = app.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
-    json_path, zip_path = app.ui_zip(upload, PROMPT, 0.5, 0.25, session, no_progress)
+    *_, session = events.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
+    json_path, zip_path = events.ui_zip(upload, PROMPT, 0.5, 0.25, session, no_progress)
     with zipfile.ZipFile(zip_path) as archive:
         masks = [name for name in archive.namelist() if name.startswith("masks/")]
-    shown = app.run_pipeline(session["image"], PROMPT, 0.5, 0.25)
+    shown = events.run_pipeline(session["image"], PROMPT, 0.5, 0.25)
     assert len(masks) == len(shown) > 0
-    with pytest.raises(app.gr.Error, match="Segment first"):
-        app.ui_zip(upload, PROMPT, 0.5, 0.25, None, no_progress)
+    with pytest.raises(gr.Error, match="Segment first"):
+        events.ui_zip(upload, PROMPT, 0.5, 0.25, None, no_progress)
 
 
 @pytest.mark.parametrize("has_image, prompt", [(False, PROMPT), (True, " "), (True, None)])
-def test_slider_release_without_image_or_prompt_changes_nothing(app, upload, has_image, prompt):
-    outputs = app.ui_rethreshold(upload if has_image else None, prompt, 0.5, 0.25, None,
-                                 no_progress)
-    assert len(outputs) == app.UI_OUTPUT_COUNT + 1
+def test_slider_release_without_image_or_prompt_changes_nothing(events, upload, has_image,
+                                                                prompt):
+    outputs = events.ui_rethreshold(upload if has_image else None, prompt, 0.5, 0.25, None,
+                                    no_progress)
+    assert len(outputs) == events.UI_OUTPUT_COUNT + 1
     assert all(output == {"__type__": "update"} for output in outputs)
 
 
-def test_slider_release_after_an_example_click_runs(app, upload):
+def test_slider_release_after_an_example_click_runs(events, upload):
     """An example fills the image input but not the session: the slider still updates."""
-    *outputs, session = app.ui_rethreshold(upload, PROMPT, 0.5, 0.25, None, no_progress)
+    *outputs, session = events.ui_rethreshold(upload, PROMPT, 0.5, 0.25, None, no_progress)
     assert session["source"] == upload["path"] and "Found" in outputs[-1]
 
 
-def test_no_detections_is_a_message_not_an_error(app, upload):
-    annotated, legend, table, downloads, message, session = app.ui_segment(
+def test_no_detections_is_a_message_not_an_error(events, upload, tmp_path):
+    from segmentation.report import write_picture
+
+    picture, legend, table, downloads, message, session = events.ui_segment(
         upload, PROMPT, 1.0, 0.25, None, no_progress)
     assert "No objects found" in message and len(table) == 0
-    np.testing.assert_array_equal(annotated, session["image"])
+    untouched = write_picture(session["image"], tmp_path, "scene.png")  # nothing drawn
+    assert Path(picture).read_bytes() == Path(untouched).read_bytes()
     assert "red ball (0)" in legend
 
 
-def test_empty_prompt_and_missing_image_are_user_errors(app, upload):
-    with pytest.raises(app.gr.Error, match="Type what to find"):
-        app.ui_segment(upload, "  . ", 0.3, 0.25, None, no_progress)
-    with pytest.raises(app.gr.Error, match="Upload an image"):
-        app.ui_segment(None, PROMPT, 0.3, 0.25, None, no_progress)
-    image_check, prompt_check, *rest = app.validate_run(None, " ", 0.3, 0.25, None)
+def test_detections_are_capped_and_the_summary_says_so(events, upload, monkeypatch):
+    everything = events.run_pipeline(events.decode_image(upload["path"]), PROMPT, 0.0, 0.25)
+    total = len(everything) + everything.omitted
+    assert total > 3, "box threshold 0 keeps every query"
+    monkeypatch.setattr(events, "MAX_DETECTIONS", 3)
+    *outputs, _ = events.ui_segment(upload, PROMPT, 0.0, 0.25, None, no_progress)
+    table, message = outputs[2], outputs[-1]
+    assert len(table) == 3
+    assert table["score"].tolist() == pytest.approx(everything.scores[:3].tolist(), abs=1e-3)
+    assert f"Showing the best 3 of {total} detections above the box threshold" in message
+
+
+def test_summary_mentions_omitted_detections_only_when_there_are_some():
+    from segmentation.pipeline import SegmentedDetections
+    from segmentation.report import summary
+
+    result = SegmentedDetections(
+        boxes=np.zeros((2, 4), np.float32), scores=np.array([0.9, 0.8], np.float32),
+        phrases=["cat", "dog"], phrase_ids=np.array([0, 1]), prompt_phrases=["cat", "dog"],
+        masks=np.zeros((2, 4, 4), bool), mask_scores=np.ones(2, np.float32))
+    assert summary(result, "cat . dog", 0.3, 1.0) == \
+        "**Found 2 objects:** cat × 1, dog × 1 (1.00 s)"
+    result.omitted = 338
+    assert summary(result, "cat . dog", 0.3, 1.0).endswith(
+        "(1.00 s). Showing the best 2 of 340 detections above the box threshold; raise it to "
+        "see fewer.")
+
+
+def test_empty_prompt_and_missing_image_are_user_errors(events, upload):
+    with pytest.raises(gr.Error, match="Type what to find"):
+        events.ui_segment(upload, "  . ", 0.3, 0.25, None, no_progress)
+    with pytest.raises(gr.Error, match="Upload an image"):
+        events.ui_segment(None, PROMPT, 0.3, 0.25, None, no_progress)
+    image_check, prompt_check, *rest = events.validate_run(None, " ", 0.3, 0.25, None)
     assert not image_check["is_valid"] and not prompt_check["is_valid"]
     assert len(rest) == 3 and all(check["is_valid"] for check in rest)
-    assert all(check["is_valid"] for check in app.validate_run(upload, PROMPT, 0.3, 0.25, None))
+    assert all(check["is_valid"] for check in events.validate_run(upload, PROMPT, 0.3, 0.25, None))
 
 
-def test_legend_escapes_html(app, upload):
-    *_, session = app.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
-    result = app.run_pipeline(session["image"], PROMPT, 0.5, 0.25)
+def test_legend_escapes_html(events, upload):
+    from segmentation.report import legend_html
+
+    *_, session = events.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
+    result = events.run_pipeline(session["image"], PROMPT, 0.5, 0.25)
     result.prompt_phrases[0] = "<img src=x onerror=alert(1)>"
-    assert "<img" not in app.legend_html(result)
+    assert "<img" not in legend_html(result)
 
 
-def test_download_names_are_safe(app):
-    assert app.upload_name({"path": "/tmp/x", "orig_name": "../../etc/my photo.jpg"}) == \
+def test_download_names_are_safe(events):
+    assert events.upload_name({"path": "/tmp/x", "orig_name": "../../etc/my photo.jpg"}) == \
         "my_photo.jpg"
-    assert app.upload_name({"path": "/tmp/x", "orig_name": None}) == "image"
-    assert app.upload_name("/somewhere/street.jpg") == "street.jpg"
+    assert events.upload_name({"path": "/tmp/x", "orig_name": None}) == "image"
+    assert events.upload_name("/somewhere/street.jpg") == "street.jpg"
 
 
 def test_examples_are_cached_per_model_choice(app, monkeypatch):
@@ -137,7 +194,7 @@ def test_binds_localhost_unless_asked(app, monkeypatch):
     assert (config.port, config.models.sam, config.models.offline) == (8123, "vit_l", True)
 
 
-def test_gpu_decorator_is_spaces_gpu_when_present(app, monkeypatch):
+def test_gpu_decorator_is_spaces_gpu_when_present(events, monkeypatch):
     calls = []
 
     class FakeSpaces:
@@ -149,9 +206,18 @@ def test_gpu_decorator_is_spaces_gpu_when_present(app, monkeypatch):
     def task():
         return None
 
-    assert app.gpu(task) is task  # no `spaces` package here: unchanged
-    monkeypatch.setattr(app, "spaces", FakeSpaces)
-    assert app.gpu(task) == ("on zero gpu", task) and calls == [app.GPU_DURATION_S]
+    assert events.gpu(task) is task  # no `spaces` package here: unchanged
+    monkeypatch.setattr(events, "spaces", FakeSpaces)
+    assert events.gpu(task) == ("on zero gpu", task) and calls == [events.GPU_DURATION_S]
+
+
+def test_background_decoding_only_off_zero_gpu(events, monkeypatch):
+    assert events.background_boxes({"SPACE_ID": "user/app"}) == events.BACKGROUND_BOXES > 0
+    monkeypatch.setattr(events, "spaces", object())  # the `spaces` package is importable
+    assert events.background_boxes({}) == events.BACKGROUND_BOXES
+    assert events.background_boxes({"SPACE_ID": "user/app"}) == 0
+    monkeypatch.undo()
+    assert events.MODELS.get().background_boxes == events.BACKGROUND_BOXES
 
 
 def test_import_opens_no_connection_and_loads_no_model():
@@ -160,8 +226,46 @@ def test_import_opens_no_connection_and_loads_no_model():
             "    raise AssertionError('network used at import')\n"
             "socket.socket.connect = socket.create_connection = refuse\n"
             "import app\n"
-            "assert not app.MODELS.loaded\n")
+            "assert not app.events.MODELS.loaded\n")
     env = {key: value for key, value in os.environ.items() if key != "SPACE_ID"}
     finished = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
+
+
+def test_slider_moves_reuse_mask_rles_and_the_coco_json_stays_exact(events, upload,
+                                                                    monkeypatch):
+    import json
+
+    from segmentation import report
+    from segmentation.export import rle_decode
+
+    encoded = []
+    real_encode = report.rle_encode
+    monkeypatch.setattr(report, "rle_encode", lambda mask: encoded.append(1) or real_encode(mask))
+    *first, session = events.ui_segment(upload, PROMPT, 0.0, 0.25, None, no_progress)
+    assert len(encoded) == len(first[2]) > 0
+    encoded.clear()
+    *second, _ = events.ui_rethreshold(upload, PROMPT, 0.6, 0.25, session, no_progress)
+    assert encoded == [], "masks shown before were encoded again"
+    coco = json.loads(Path(second[3][0]).read_text())
+    result = events.run_pipeline(session["image"], PROMPT, 0.6, 0.25)
+    assert len(coco["annotations"]) == len(result) > 0
+    for annotation, mask in zip(coco["annotations"], result.masks, strict=True):
+        np.testing.assert_array_equal(rle_decode(annotation["segmentation"]), mask)
+
+
+def test_cached_rles_are_redone_when_a_mask_differs():
+    from segmentation import report
+    from segmentation.export import rle_decode
+    from segmentation.pipeline import SegmentedDetections
+
+    masks = np.zeros((1, 8, 10), bool)
+    masks[0, 2:5, 3:7] = True
+    result = SegmentedDetections(np.array([[3, 2, 7, 5]], np.float32),
+                                 np.array([0.9], np.float32), ["cat"], np.array([0]), ["cat"],
+                                 masks, np.array([0.8], np.float32))
+    cache = {}
+    np.testing.assert_array_equal(rle_decode(report.cached_rles(result, cache)[0]), masks[0])
+    masks[0, 6, 1] = True  # same box, another mask: the cached RLE must not be reused
+    np.testing.assert_array_equal(rle_decode(report.cached_rles(result, cache)[0]), masks[0])

@@ -145,6 +145,7 @@ def test_upload_segment_rethreshold_and_download(page, app_url, tmp_path):
     expect(page.locator("#annotated img")).to_be_visible()
     assert table_rows(page) == len(scores)
     first_image = page.locator("#annotated img").get_attribute("src")
+    assert first_image.split("?")[0].endswith("street_result.jpg"), "the result is our JPEG"
 
     set_slider(page, "box_threshold", threshold)
     noun = "object" if expected == 1 else "objects"

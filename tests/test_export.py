@@ -110,6 +110,14 @@ def test_coco_json_loads_and_evaluates_in_pycocotools(result):
     assert evaluation.stats[0] == pytest.approx(1.0)  # the masks match themselves exactly
 
 
+def test_coco_takes_precomputed_rles(result):
+    rles = [rle_encode(mask) for mask in result.masks]
+    expected = to_coco(result, file_name="a.png", width=WIDTH, height=HEIGHT)
+    assert to_coco(result, file_name="a.png", width=WIDTH, height=HEIGHT, rles=rles) == expected
+    with pytest.raises(ValueError, match="RLEs for"):
+        to_coco(result, file_name="a.png", width=WIDTH, height=HEIGHT, rles=rles[:-1])
+
+
 def test_coco_refuses_a_wrong_image_size(result):
     with pytest.raises(ValueError, match="64 x 48"):
         to_coco(result, file_name="a.png", width=48, height=64)
@@ -125,6 +133,9 @@ def test_json_dict_for_the_api(result):
     np.testing.assert_allclose(data["mask_scores"], result.mask_scores, atol=1e-4)
     for rle, mask in zip(data["masks"], result.masks, strict=True):
         np.testing.assert_array_equal(rle_decode(rle), mask)
+    assert data["omitted"] == 0
+    result.omitted = 7  # seven more were above the threshold, past a cap
+    assert to_json_dict(result)["omitted"] == 7
 
 
 def read_png(archive, name):

@@ -7,13 +7,15 @@ import time
 import numpy as np
 import pytest
 
+import segmentation.build as build_module
 import segmentation.pipeline as pipeline_module
 import segmentation.sam as sam_module
 from grounding import Detections, RawPrediction
 from grounding.hub import OfflineError
+from segmentation.build import load_pipeline
 from segmentation.cache import ByteLRU
 from segmentation.offline import tiny_detector, tiny_sam
-from segmentation.pipeline import GroundedSAM, load_pipeline
+from segmentation.pipeline import GroundedSAM
 from segmentation.sam import BoxSegmenter
 from tests.test_sam import _BoxesAsPrompts, _PaintBoxes
 
@@ -302,7 +304,7 @@ def test_load_pipeline_reports_a_missing_sam_file_before_loading_the_detector(tm
     monkeypatch.setenv("SAM_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("SAM_CHECKPOINT", raising=False)
     monkeypatch.setattr(sam_module, "urlopen", unreachable)
-    monkeypatch.setattr(pipeline_module, "load_detector", no_detector)
+    monkeypatch.setattr(build_module, "load_detector", no_detector)
     with pytest.raises(OfflineError, match="sam_vit_h_4b8939.pth"):
         load_pipeline(sam="vit_h", device="cpu")
 

@@ -1,0 +1,301 @@
+"""What the app's events do: input checks, the process's one pipeline, and the handlers that
+app.py wires to its components (layout and launch stay in app.py).
+
+UI handlers return plain values for the page: the annotated image as a JPEG file (Gradio's PNG
+encoding of an array takes 290 ms for 1200 x 800 on 2 cores, the JPEG under 10 ms), the legend,
+the table, the COCO JSON download and a summary line. API handlers return what a script wants:
+JSON, or a lossless PNG with the export files. Every run shows at most MAX_DETECTIONS detections.
+
+On ZeroGPU, CUDA may only be used inside `@spaces.GPU` calls: `gpu` wraps the one function that
+runs the models, and no background thread decodes masks there (`background_boxes`).
+"""
+
+from __future__ import annotations
+
+try:  # ZeroGPU; app.py imports `spaces` first, before torch initialises CUDA.
+    import spaces
+except ImportError:  # not on a Space: @gpu is a no-op
+    spaces = None
+
+import contextlib
+import functools
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from segmentation import report
+from segmentation.cli import ModelChoice, load_models
+
+MAX_PROMPT_CHARS = 2000
+MAX_DETECTIONS = 100  # each mask is H x W bytes and about 0.1 s of SAM decoding on a CPU
+BACKGROUND_BOXES = 48  # decoded after each run, just below the threshold: sliding down is instant
+BOX_THRESHOLD, TEXT_THRESHOLD = 0.35, 0.25  # the sliders' and the examples' defaults
+GPU_DURATION_S = 40
+UI_OUTPUT_COUNT = 5  # annotated image, legend, detections, downloads, message
+# Default of the handlers' `progress` parameter: Gradio gives each call its own tracker and only
+# reads `track_tqdm` here (tqdm bars, e.g. weight downloads, show in the page).
+PROGRESS = gr.Progress(track_tqdm=True)
+
+
+def gpu(fn: Callable) -> Callable:
+    """`spaces.GPU` when the `spaces` package is present (a no-op off ZeroGPU); else `fn`."""
+    return spaces.GPU(duration=GPU_DURATION_S)(fn) if spaces is not None else fn
+
+
+def background_boxes(environ: Mapping[str, str] = os.environ) -> int:
+    """How many boxes below the threshold the pipeline decodes in a background thread after each
+    run: BACKGROUND_BOXES, or 0 on a Space with `spaces` (ZeroGPU: CUDA only inside @gpu)."""
+    return 0 if spaces is not None and environ.get("SPACE_ID") else BACKGROUND_BOXES
+
+
+class ModelStore:
+    """The one pipeline of this process, loaded on first use (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.choice: ModelChoice | None = None
+        self._pipeline = None
+        self._lock = threading.Lock()
+
+    def configure(self, choice: ModelChoice) -> None:
+        if self.choice != choice:
+            self.choice, self._pipeline = choice, None
+
+    @property
+    def loaded(self) -> bool:
+        return self._pipeline is not None
+
+    def get(self):
+        """The GroundedSAM pipeline; the first call loads (and may download) the weights."""
+        with self._lock:
+            if self._pipeline is None:
+                if self.choice is None:
+                    raise RuntimeError("ModelStore.configure was never called")
+                pipeline = load_models(self.choice)
+                pipeline.background_boxes = background_boxes()
+                self._pipeline = pipeline
+            return self._pipeline
+
+
+MODELS = ModelStore()
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def upload_path(value) -> str | None:
+    """The server-side path of an image input: a FileData dict (events run with
+    preprocess=False, so Gradio never opens the file itself) or a path string (examples)."""
+    if isinstance(value, dict):
+        return value.get("path")
+    return value if isinstance(value, str) and value else None
+
+
+def upload_name(value) -> str:
+    """The uploaded file's original name, made safe for download names ("image" if unknown)."""
+    name = value.get("orig_name") if isinstance(value, dict) else value
+    name = Path(name).name if isinstance(name, str) and name else "image"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-80:].lstrip(".") or "image"
+
+
+def bad_input(message: str, title: str = "Error") -> gr.Error:
+    """An error for the user (a toast, or AppError in gradio_client); not logged as a fault."""
+    return gr.Error(message, title=title, print_exception=False)
+
+
+def check_prompt(prompt) -> str:
+    if not isinstance(prompt, str) or not any(character.isalnum() for character in prompt):
+        raise bad_input("Type what to find, for example 'a cat . a remote control .'",
+                        title="Empty prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise bad_input(f"The prompt has {len(prompt)} characters; the limit is "
+                        f"{MAX_PROMPT_CHARS}.", title="Prompt too long")
+    return prompt
+
+
+def check_threshold(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise bad_input(f"{name} must be a number between 0 and 1, got {value!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise bad_input(f"{name} must be between 0 and 1, got {value}")
+    return value
+
+
+def decode_image(path: str | None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from an uploaded file (EXIF-rotated, any mode, size-capped)."""
+    from segmentation.images import load_image
+
+    if path is None:
+        raise bad_input("Upload an image first (or pick an example).", title="No image")
+    try:  # from bytes, so messages say "the uploaded file", not a server path
+        return np.asarray(load_image(Path(path).read_bytes()))
+    except (OSError, ValueError) as error:
+        raise bad_input(f"This file cannot be used as an image: {error}",
+                        title="Unreadable image") from None
+
+
+def validate_run(image_value, prompt, box_threshold, text_threshold, session) -> list[dict]:
+    """Event validator: refuse a run without image or prompt before it is queued."""
+    has_words = isinstance(prompt, str) and any(character.isalnum() for character in prompt)
+    valid = gr.validate(True, "")
+    return [gr.validate(upload_path(image_value) is not None, "Upload an image first."),
+            gr.validate(has_words, "Type what to find, for example 'cat . dog .'"),
+            valid, valid, valid]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@gpu
+def segment_on_device(image: np.ndarray, prompt: str, box_threshold: float,
+                      text_threshold: float):
+    """One pipeline call, at most MAX_DETECTIONS detections (on ZeroGPU: in the GPU worker;
+    arguments and result are numpy)."""
+    try:
+        return MODELS.get().run(image, prompt, box_threshold, text_threshold,
+                                max_detections=MAX_DETECTIONS)
+    except ValueError as error:  # e.g. one phrase of the prompt longer than 256 tokens
+        raise bad_input(str(error), title="Cannot segment") from None
+
+
+def loaded_models():
+    """The pipeline, or a gr.Error that says which file is missing and how to supply it."""
+    try:
+        return MODELS.get()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise gr.Error(f"The models could not be loaded: {error} (To try the interface without "
+                       "weights, start the app with --offline.)", title="Models") from None
+
+
+def run_pipeline(image: np.ndarray, prompt: str, box_threshold, text_threshold,
+                 progress: gr.Progress | None = None):
+    """Check inputs, load the models if needed (with progress), then segment."""
+    prompt = check_prompt(prompt)
+    box_threshold = check_threshold("box_threshold", box_threshold)
+    text_threshold = check_threshold("text_threshold", text_threshold)
+    if progress is not None and not MODELS.loaded:
+        progress(0.05, desc="Loading models (the first start downloads the weights)")
+    loaded_models()
+    if progress is not None:
+        progress(0.3, desc="Detecting and segmenting")
+    return segment_on_device(image, prompt, box_threshold, text_threshold)
+
+
+def present(image: np.ndarray, result, prompt: str, box_threshold: float, name: str,
+            seconds: float, progress: gr.Progress | None = None,
+            rle_cache: dict | None = None) -> tuple:
+    """(annotated JPEG path, legend, table, [COCO JSON] download, message) for the UI.
+
+    Plain values only: Gradio 6.31 fails on component updates returned while caching examples.
+    `rle_cache` keeps the masks' RLEs of one image between slider moves (`report.cached_rles`).
+    """
+    from segmentation.visualize import annotate
+
+    if progress is not None:
+        progress(0.8, desc="Drawing")
+    folder = report.export_folder()
+    rles = report.cached_rles(result, rle_cache) if rle_cache is not None else None
+    return (report.write_picture(annotate(image, result), folder, name),
+            report.legend_html(result), report.table(result),
+            report.write_exports(image, result, name, with_zip=False, folder=folder, rles=rles),
+            report.summary(result, prompt, box_threshold, seconds))
+
+
+# ----------------------------------------------------------------------------- event handlers
+
+
+def pausing_background(handler: Callable) -> Callable:
+    """Hold the pipeline's background decoding while `handler` runs, draws and exports: on a
+    2-core CPU it would slow the answer down (nothing to hold before the models load)."""
+    @functools.wraps(handler)
+    def held(*args, **kwargs):
+        with MODELS.get().hold() if MODELS.loaded else contextlib.nullcontext():
+            return handler(*args, **kwargs)
+    return held
+
+
+
+@pausing_background
+def ui_segment(image_value, prompt, box_threshold, text_threshold, session,
+               progress=PROGRESS):
+    """Run button / Enter: decode the upload once per session, run, show everything."""
+    path = upload_path(image_value)
+    if session is not None and session["source"] == path:
+        image = session["image"]
+    else:
+        image = decode_image(path)
+        session = {"source": path, "image": image, "rles": {}}
+    start = time.perf_counter()
+    result = run_pipeline(image, prompt, box_threshold, text_threshold, progress)
+    outputs = present(image, result, prompt, float(box_threshold), upload_name(image_value),
+                      time.perf_counter() - start, progress, session["rles"])
+    return (*outputs, session)
+
+
+def ui_rethreshold(image_value, prompt, box_threshold, text_threshold, session,
+                   progress=PROGRESS):
+    """Slider release: the pipeline re-filters its cached result (no model runs, no decoding
+    when the session holds the image); without an image and a prompt, nothing happens."""
+    if upload_path(image_value) is None or not isinstance(prompt, str) \
+            or not any(character.isalnum() for character in prompt):
+        return (gr.skip(),) * (UI_OUTPUT_COUNT + 1)
+    return ui_segment(image_value, prompt, box_threshold, text_threshold, session, progress)
+
+
+@pausing_background
+def ui_zip(image_value, prompt, box_threshold, text_threshold, session, progress=PROGRESS,
+           ) -> list[str]:
+    """"Prepare ZIP": the COCO JSON plus per-object masks and cut-outs for what is shown."""
+    if session is None or session["source"] != upload_path(image_value):
+        raise bad_input("Press Segment first; the ZIP holds the masks of the shown result.",
+                        title="Nothing to export")
+    result = run_pipeline(session["image"], prompt, box_threshold, text_threshold, progress)
+    progress(0.6, desc=f"Writing {len(result)} masks and cut-outs")
+    return report.write_exports(session["image"], result, upload_name(image_value),
+                                with_zip=True)
+
+
+@pausing_background
+def example_segment(image_path: str, prompt: str, progress=PROGRESS):
+    """Examples (lazily cached): default thresholds."""
+    image = decode_image(image_path)
+    start = time.perf_counter()
+    result = run_pipeline(image, prompt, BOX_THRESHOLD, TEXT_THRESHOLD, progress)
+    return present(image, result, prompt, BOX_THRESHOLD, upload_name(image_path),
+                   time.perf_counter() - start, progress)
+
+
+@pausing_background
+def api_segment(image, prompt, box_threshold, text_threshold) -> dict:
+    """Boxes (x0, y0, x1, y1 px), scores, phrases and COCO RLE masks for one image."""
+    from segmentation.export import to_json_dict
+
+    pixels = decode_image(upload_path(image))
+    return to_json_dict(run_pipeline(pixels, prompt, box_threshold, text_threshold))
+
+
+@pausing_background
+def api_annotate(image, prompt, box_threshold, text_threshold) -> tuple:
+    """Annotated image (an array: the API's output component encodes it as a lossless PNG),
+    COCO JSON file and ZIP of per-object masks and cut-outs."""
+    from segmentation.visualize import annotate
+
+    pixels = decode_image(upload_path(image))
+    result = run_pipeline(pixels, prompt, box_threshold, text_threshold)
+    json_path, zip_path = report.write_exports(pixels, result, upload_name(image),
+                                               with_zip=True)
+    return annotate(pixels, result), json_path, zip_path
+
+
+def load_on_page_open(progress=PROGRESS) -> str:
+    if not MODELS.loaded:
+        progress(0.1, desc="Loading models (the first start downloads the weights)")
+    loaded_models()
+    return f"Models ready: {MODELS.choice.describe()}."

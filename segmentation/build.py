@@ -1,0 +1,64 @@
+"""`load_pipeline`: Grounding DINO and SAM with their weights, as one `GroundedSAM`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from grounding import load_detector
+from grounding.config import PRESETS
+from segmentation.offline import tiny_detector, tiny_sam
+from segmentation.pipeline import DEFAULT_CACHE_BYTES, GroundedSAM
+from segmentation.sam import BoxSegmenter, build_sam
+from segmentation.sam import sam_checkpoint as official_sam_checkpoint
+
+
+def load_pipeline(*, detector: str | os.PathLike = "swint_ogc", sam: str = "vit_b",
+                  device: str | torch.device | None = None, offline: bool = False,
+                  sam_checkpoint: str | os.PathLike | None = None,
+                  detector_config: str = "swint_ogc",
+                  text_encoder: str | os.PathLike | None = None,
+                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> GroundedSAM:
+    """Grounding DINO + SAM, weights loaded, on `device`.
+
+    Args:
+        detector: "swint_ogc" or "swinb_cogcoor" (official weights from the Hub, or
+            `$GROUNDING_DINO_CHECKPOINT`), or the path of an official `.pth` or of a
+            transformers-format directory.
+        sam: "vit_b", "vit_l" or "vit_h".
+        device: default CUDA when available, else CPU.
+        offline: tiny random-weight models instead (no files, no downloads; boxes and masks
+            are noise). Every other model argument is then ignored.
+        sam_checkpoint: a SAM `.pth` for `sam`; default `$SAM_CHECKPOINT`, else the official file
+            (downloaded once into `$SAM_CACHE_DIR` or ~/.cache/grounded-sam).
+        detector_config: the architecture of a `.pth` passed as `detector`.
+        text_encoder: BERT's tokenizer directory or Hub id (see `grounding.load_detector`).
+        cache_bytes: the pipeline's cache budget.
+
+    Raises:
+        grounding.hub.OfflineError: a weight file is missing and cannot be downloaded (the
+            message names the file and how to supply it).
+    """
+    if offline:
+        return GroundedSAM(tiny_detector(device), BoxSegmenter(tiny_sam().to(_device(device))),
+                           cache_bytes=cache_bytes)
+    if not (detector in PRESETS or Path(detector).exists()):
+        raise ValueError(f"unknown detector {detector!r}: choose one of {sorted(PRESETS)} or give "
+                         "the path of a checkpoint")
+    # Resolved first, so a missing SAM file is reported before the detector spends time loading.
+    sam_path = sam_checkpoint if sam_checkpoint is not None else official_sam_checkpoint(sam)
+    if detector in PRESETS:
+        grounding_detector = load_detector(config=detector, text_encoder=text_encoder,
+                                           device=device)
+    else:
+        grounding_detector = load_detector(detector, config=detector_config,
+                                           text_encoder=text_encoder, device=device)
+    segment_anything = build_sam(sam, sam_path, device=device)
+    return GroundedSAM(grounding_detector, BoxSegmenter(segment_anything),
+                       cache_bytes=cache_bytes)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

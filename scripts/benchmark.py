@@ -102,7 +102,7 @@ def main() -> None:
         rows.setdefault(f"first run end to end (GroundedSAM.run, {len(result)} boxes + "
                         f"{prefetched} prefetched)", []).append(sample)
         if args.background:
-            _, sample = timed(pipeline.wait_idle, device)
+            _, sample = timed(pipeline.wait_idle)
             rows.setdefault(f"then in the background: {args.background} boxes decoded ahead",
                             []).append(sample)
         _, sample = timed(lambda result=result: annotate(image, result))
@@ -123,6 +123,7 @@ def main() -> None:
         rows.setdefault(f"slider down, +{args.step} boxes, "
                         f"{pipeline.stats.boxes_decoded - decoded} decoded (run + annotate)",
                         []).append(sample)
+    pipeline.wait_idle()  # before the interpreter exits under a running decode
     stats = pipeline.stats
     assert stats.detector_runs == 1 and stats.image_embeddings == 1  # sliders ran no encoder
 

@@ -195,6 +195,7 @@ def main() -> None:
                                      f"{args.step} past those decoded ahead")
         past_decoded = pipeline.stats.boxes_decoded - decoded
         browser.close()
+    pipeline.wait_idle()  # before the interpreter exits under a running decode
 
     print(f"SwinT-OGC + SAM {args.sam}, {height}x{width} image on {device} ({args.threads} "
           f"threads, fp32), random weights; app in-process, headless Chromium")

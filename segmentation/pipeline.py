@@ -13,7 +13,7 @@ kept, least recently used first out, within one byte budget:
 Lowering the box threshold reveals boxes, and SAM's decoder costs about 0.1 s per box on 2 CPU
 cores; so the boxes just below the threshold are decoded ahead: either in the first run of an
 (image, prompt) (`prefetch_boxes`, synchronous), or, with `background_boxes`, by a background thread
-after every run, best first, a couple of boxes at a time, giving way to any new request.
+after every run, best first, one box at a time, giving way to any new request.
 
 Images are keyed by a hash of their pixels, so the same picture uploaded twice is recognised.
 """
@@ -39,8 +39,9 @@ from segmentation.sam import BoxSegmenter, ImageEmbedding
 DEFAULT_CACHE_BYTES = 1 << 30
 # Prefetched boxes score at most this much below the box threshold.
 PREFETCH_MARGIN = 0.1
-# Boxes per background decoder call: a request arriving meanwhile waits for at most one call.
-BACKGROUND_CHUNK = 2
+# Boxes per background decoder call: a request arriving meanwhile waits for at most one call
+# (about 0.1 s per box on 2 CPU cores; batching more saves little per box).
+BACKGROUND_CHUNK = 1
 
 log = logging.getLogger(__name__)
 

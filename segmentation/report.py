@@ -58,11 +58,23 @@ def legend_html(result) -> str:
     return f'<div class="legend">{"".join(chips)}</div>'
 
 
+_last_prune = {"at": float("-inf")}
+
+
 def _prune_exports(root: Path) -> None:
+    """Remove run folders older than EXPORT_MAX_AGE_S; at most once a minute (every slider move
+    makes a folder, and listing them all each time grows with the hour's moves)."""
+    now = time.monotonic()
+    if now - _last_prune["at"] < 60:
+        return
+    _last_prune["at"] = now
     cutoff = time.time() - EXPORT_MAX_AGE_S
     for folder in root.glob("run-*"):
-        if folder.stat().st_mtime < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+        except FileNotFoundError:  # another process pruned it first
+            pass
 
 
 def export_folder() -> Path:

@@ -269,3 +269,20 @@ def test_cached_rles_are_redone_when_a_mask_differs():
     np.testing.assert_array_equal(rle_decode(report.cached_rles(result, cache)[0]), masks[0])
     masks[0, 6, 1] = True  # same box, another mask: the cached RLE must not be reused
     np.testing.assert_array_equal(rle_decode(report.cached_rles(result, cache)[0]), masks[0])
+
+
+def test_export_folders_older_than_an_hour_are_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    from segmentation import report
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setitem(report._last_prune, "at", float("-inf"))
+    old, recent = report.export_folder(), report.export_folder()
+    hour_ago = os.path.getmtime(old) - report.EXPORT_MAX_AGE_S - 5
+    os.utime(old, (hour_ago, hour_ago))
+    newest = report.export_folder()  # pruned at most once a minute: not yet
+    assert old.exists()
+    monkeypatch.setitem(report._last_prune, "at", float("-inf"))  # a minute later
+    report.export_folder()
+    assert not old.exists() and recent.exists() and newest.exists()

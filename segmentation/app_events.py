@@ -6,8 +6,11 @@ encoding of an array takes 290 ms for 1200 x 800 on 2 cores, the JPEG under 10 m
 the table, the COCO JSON download and a summary line. API handlers return what a script wants:
 JSON, or a lossless PNG with the export files. Every run shows at most MAX_DETECTIONS detections.
 
-On ZeroGPU, CUDA may only be used inside `@spaces.GPU` calls: `gpu` wraps the one function that
-runs the models, and no background thread decodes masks there (`background_boxes`).
+On ZeroGPU, CUDA may only be used inside `@spaces.GPU` calls, which run in a forked worker
+process: `gpu` wraps the one function that runs the models, the cache entries it adds are copied
+back into the main process's pipeline, and a slider move whose masks are all cached is answered
+there without a GPU call. No background thread decodes masks there; the GPU call decodes the boxes
+just below the threshold instead (`ZERO_GPU_PREFETCH_BOXES`).
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ import numpy as np
 
 from segmentation import report
 from segmentation.cli import ModelChoice, load_models
+from segmentation.pipeline import CacheMiss
 
 MAX_PROMPT_CHARS = 2000
 MAX_DETECTIONS = 100  # each mask is H x W bytes and about 0.1 s of SAM decoding on a CPU
 BACKGROUND_BOXES = 48  # decoded after each run, just below the threshold: sliding down is instant
+ZERO_GPU_PREFETCH_BOXES = 48  # on ZeroGPU the GPU call decodes them (milliseconds each) instead
 BOX_THRESHOLD, TEXT_THRESHOLD = 0.35, 0.25  # the sliders' and the examples' defaults
 GPU_DURATION_S = 40
 UI_OUTPUT_COUNT = 5  # annotated image, legend, detections, downloads, message
@@ -48,10 +53,18 @@ def gpu(fn: Callable) -> Callable:
     return spaces.GPU(duration=GPU_DURATION_S)(fn) if spaces is not None else fn
 
 
+def on_zero_gpu(environ: Mapping[str, str] = os.environ) -> bool:
+    """A ZeroGPU Space: the `spaces` package is there and SPACES_ZERO_GPU is set (as the package
+    itself decides). @gpu calls then run in a forked worker process that holds the GPU."""
+    flag = environ.get("SPACES_ZERO_GPU", "").lower()
+    return spaces is not None and flag in ("1", "t", "true")
+
+
 def background_boxes(environ: Mapping[str, str] = os.environ) -> int:
     """How many boxes below the threshold the pipeline decodes in a background thread after each
-    run: BACKGROUND_BOXES, or 0 on a Space with `spaces` (ZeroGPU: CUDA only inside @gpu)."""
-    return 0 if spaces is not None and environ.get("SPACE_ID") else BACKGROUND_BOXES
+    run: BACKGROUND_BOXES, or 0 on ZeroGPU (CUDA only inside @gpu; the GPU call decodes
+    ZERO_GPU_PREFETCH_BOXES of them instead)."""
+    return 0 if on_zero_gpu(environ) else BACKGROUND_BOXES
 
 
 class ModelStore:
@@ -78,6 +91,8 @@ class ModelStore:
                     raise RuntimeError("ModelStore.configure was never called")
                 pipeline = load_models(self.choice)
                 pipeline.background_boxes = background_boxes()
+                if on_zero_gpu():
+                    pipeline.prefetch_boxes = ZERO_GPU_PREFETCH_BOXES
                 self._pipeline = pipeline
             return self._pipeline
 
@@ -153,16 +168,27 @@ def validate_run(image_value, prompt, box_threshold, text_threshold, session) ->
 # ----------------------------------------------------------------------------- running
 
 
-@gpu
-def segment_on_device(image: np.ndarray, prompt: str, box_threshold: float,
-                      text_threshold: float):
-    """One pipeline call, at most MAX_DETECTIONS detections (on ZeroGPU: in the GPU worker;
-    arguments and result are numpy)."""
+def segment(image: np.ndarray, prompt: str, box_threshold: float, text_threshold: float,
+            models: bool = True):
+    """One pipeline call, at most MAX_DETECTIONS detections."""
     try:
         return MODELS.get().run(image, prompt, box_threshold, text_threshold,
-                                max_detections=MAX_DETECTIONS)
+                                max_detections=MAX_DETECTIONS, models=models)
     except ValueError as error:  # e.g. one phrase of the prompt longer than 256 tokens
         raise bad_input(str(error), title="Cannot segment") from None
+
+
+@gpu
+def segment_on_device(image: np.ndarray, prompt: str, box_threshold: float,
+                      text_threshold: float) -> tuple:
+    """`segment` where the models can run, and the cache entries it added.
+
+    On ZeroGPU this runs in a forked worker process: arguments and results are pickled, and
+    what the worker caches stays there, so the entries go back to the main process too.
+    """
+    with MODELS.get().cache.recording() as added:
+        result = segment(image, prompt, box_threshold, text_threshold)
+    return result, added
 
 
 def loaded_models():
@@ -185,7 +211,14 @@ def run_pipeline(image: np.ndarray, prompt: str, box_threshold, text_threshold,
     loaded_models()
     if progress is not None:
         progress(0.3, desc="Detecting and segmenting")
-    return segment_on_device(image, prompt, box_threshold, text_threshold)
+    zero_gpu = on_zero_gpu()
+    if zero_gpu:  # a slider move whose masks are all cached needs no GPU call
+        with contextlib.suppress(CacheMiss):
+            return segment(image, prompt, box_threshold, text_threshold, models=False)
+    result, added = segment_on_device(image, prompt, box_threshold, text_threshold)
+    if zero_gpu:
+        MODELS.get().adopt(added)
+    return result
 
 
 def present(image: np.ndarray, result, prompt: str, box_threshold: float, name: str,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 
@@ -19,6 +20,7 @@ class ByteLRU:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._journals: list[list[tuple[Hashable, Any, int]]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -36,6 +38,8 @@ class ByteLRU:
 
     def put(self, key: Hashable, value: Any, nbytes: int) -> None:
         """Store `value`, counted as `nbytes`, then evict least recently used entries to fit."""
+        for journal in self._journals:
+            journal.append((key, value, nbytes))
         self.pop(key)
         if nbytes > self.max_bytes:
             return
@@ -44,6 +48,17 @@ class ByteLRU:
         while self.nbytes > self.max_bytes:
             _, (_, evicted) = self._entries.popitem(last=False)
             self.nbytes -= evicted
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[tuple[Hashable, Any, int]]]:
+        """A list of every (key, value, nbytes) `put` meanwhile, for example to copy what a
+        forked process computed into its parent's cache."""
+        journal: list[tuple[Hashable, Any, int]] = []
+        self._journals.append(journal)
+        try:
+            yield journal
+        finally:
+            self._journals.remove(journal)
 
     def pop(self, key: Hashable) -> Any | None:
         entry = self._entries.pop(key, None)

@@ -46,6 +46,10 @@ BACKGROUND_CHUNK = 1
 log = logging.getLogger(__name__)
 
 
+class CacheMiss(LookupError):
+    """`GroundedSAM.run(..., models=False)` would have had to run a model."""
+
+
 @dataclass
 class SegmentedDetections:
     """Detections in one image, each with a mask.
@@ -150,7 +154,7 @@ class GroundedSAM:
 
     def run(self, image: Image.Image | np.ndarray, prompt: str, box_threshold: float = 0.35,
             text_threshold: float = 0.25, nms_threshold: float | None = None,
-            max_detections: int | None = None) -> SegmentedDetections:
+            max_detections: int | None = None, *, models: bool = True) -> SegmentedDetections:
         """Detect what `prompt` names and segment each detection.
 
         Args:
@@ -164,8 +168,11 @@ class GroundedSAM:
             max_detections: keep at most this many (the best scoring); the result's `omitted`
                 counts the rest. Each mask is H x W bytes, and costs about 0.1 s of decoding on
                 a CPU: a cap keeps a threshold near 0 (up to 900 boxes) from exhausting both.
+            models: False: answer from the caches only, or raise CacheMiss (a process that
+                cannot run the models itself, like ZeroGPU's main process, tries this first).
 
         Raises:
+            CacheMiss: `models` is False and something is not cached.
             ValueError: an empty prompt, thresholds outside [0, 1], `max_detections` < 0, or an
                 unusable image.
         """
@@ -175,7 +182,7 @@ class GroundedSAM:
         caption = normalize_caption(prompt)
         with self.hold(), self._lock:
             result, lookahead = self._run(pixels, caption, box_threshold, text_threshold,
-                                          nms_threshold, max_detections)
+                                          nms_threshold, max_detections, models)
         if self.background_boxes > 0 and lookahead is not None:
             self._look_ahead(lookahead)
         return result
@@ -203,9 +210,12 @@ class GroundedSAM:
 
     def _run(self, pixels: np.ndarray, caption: str, box_threshold: float,
              text_threshold: float, nms_threshold: float | None, max_detections: int | None,
-             ) -> tuple[SegmentedDetections, _Lookahead | None]:
+             models: bool) -> tuple[SegmentedDetections, _Lookahead | None]:
         """`run` itself, under the lock; also what the background thread may decode next."""
         image_key = _digest(pixels)
+        if not models:
+            self._check_cached(image_key, caption, box_threshold, text_threshold, nms_threshold,
+                               max_detections)
         raw, fresh = self._raw_prediction(pixels, image_key, caption)
         detections = self.detector.select(raw, box_threshold, text_threshold, nms_threshold)
         omitted = 0
@@ -227,6 +237,25 @@ class GroundedSAM:
             return result, None
         return result, _Lookahead(image_key, raw, embedding,
                                   (box_threshold, text_threshold, nms_threshold))
+
+    def _check_cached(self, image_key: str, caption: str, box_threshold: float,
+                      text_threshold: float, nms_threshold: float | None,
+                      max_detections: int | None) -> None:
+        """Raise CacheMiss unless the raw outputs, the embedding and every mask are cached."""
+        raw = self.cache.get(("raw", image_key, caption))
+        if raw is None or ("embedding", image_key) not in self.cache:
+            raise CacheMiss("the detector or SAM's image encoder would have to run")
+        boxes = self.detector.select(raw, box_threshold, text_threshold, nms_threshold).boxes
+        if any(("mask", image_key, box.tobytes()) not in self.cache
+               for box in boxes[:max_detections]):
+            raise CacheMiss("SAM's mask decoder would have to run")
+
+    def adopt(self, entries: list) -> None:
+        """Put cache entries computed elsewhere (`cache.recording()` in a forked process) into
+        this pipeline's cache."""
+        with self._lock:
+            for key, value, nbytes in entries:
+                self.cache.put(key, value, nbytes)
 
     def _raw_prediction(self, pixels: np.ndarray, image_key: str, caption: str,
                         ) -> tuple[RawPrediction, bool]:

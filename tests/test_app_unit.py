@@ -212,10 +212,12 @@ def test_gpu_decorator_is_spaces_gpu_when_present(events, monkeypatch):
 
 
 def test_background_decoding_only_off_zero_gpu(events, monkeypatch):
-    assert events.background_boxes({"SPACE_ID": "user/app"}) == events.BACKGROUND_BOXES > 0
+    zero_gpu = {"SPACE_ID": "user/app", "SPACES_ZERO_GPU": "true"}
+    assert events.background_boxes(zero_gpu) == events.BACKGROUND_BOXES > 0  # no `spaces`
     monkeypatch.setattr(events, "spaces", object())  # the `spaces` package is importable
     assert events.background_boxes({}) == events.BACKGROUND_BOXES
-    assert events.background_boxes({"SPACE_ID": "user/app"}) == 0
+    assert events.background_boxes({"SPACE_ID": "user/app"}) == events.BACKGROUND_BOXES
+    assert events.background_boxes(zero_gpu) == 0
     monkeypatch.undo()
     assert events.MODELS.get().background_boxes == events.BACKGROUND_BOXES
 
@@ -286,3 +288,56 @@ def test_export_folders_older_than_an_hour_are_removed(tmp_path, monkeypatch):
     monkeypatch.setitem(report._last_prune, "at", float("-inf"))  # a minute later
     report.export_folder()
     assert not old.exists() and recent.exists() and newest.exists()
+
+
+def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(events, tmp_path,
+                                                                      monkeypatch):
+    """ZeroGPU runs @spaces.GPU functions in a forked worker process; simulated with a fork."""
+    import multiprocessing
+
+    import torch
+
+    task = events.segment_on_device  # undecorated: no `spaces` package here
+    gpu_calls = []
+
+    def in_forked_worker(*args):
+        gpu_calls.append(args[2])
+        context = multiprocessing.get_context("fork")
+        parent, child = context.Pipe()
+        received = context.Event()
+
+        def worker():
+            torch.set_num_threads(1)
+            child.send(task(*args))
+            received.wait(60)  # tensors travel as shared file descriptors: stay until read
+
+        process = context.Process(target=worker)
+        process.start()
+        answer = parent.recv()
+        received.set()
+        process.join(timeout=60)
+        return answer
+
+    pipeline = events.MODELS.get()
+    pipeline.wait_idle()  # no background thread may hold a lock across the fork
+    monkeypatch.setattr(pipeline, "background_boxes", 0)
+    monkeypatch.setattr(pipeline, "prefetch_boxes", events.ZERO_GPU_PREFETCH_BOXES)
+    monkeypatch.setattr(events, "spaces", object())
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setattr(events, "segment_on_device", in_forked_worker)
+    path = tmp_path / "fresh.png"  # pixels no earlier test cached
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (90, 120, 3), np.uint8)).save(path)
+    upload = {"path": str(path), "orig_name": "fresh.png"}
+
+    *first, session = events.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
+    assert gpu_calls == [0.5] and len(first[2]) > 0
+    raw = pipeline.detector.infer(session["image"], PROMPT)  # the expected boxes, uncached
+    for threshold in (0.6, 0.45, 0.5):  # seen, or just below and decoded ahead in the worker
+        *outputs, session = events.ui_rethreshold(upload, PROMPT, threshold, 0.25, session,
+                                                  no_progress)
+        expected = pipeline.detector.select(raw, threshold, 0.25)
+        np.testing.assert_allclose(outputs[2][["x0", "y0", "x1", "y1"]].to_numpy(),
+                                   np.rint(expected.boxes[:events.MAX_DETECTIONS]))
+    assert gpu_calls == [0.5], "a cached slider move went to the GPU"
+    events.ui_rethreshold(upload, PROMPT, 0.0, 0.25, session, no_progress)  # masks not decoded
+    assert gpu_calls == [0.5, 0.0]

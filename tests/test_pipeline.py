@@ -395,3 +395,36 @@ def test_a_failing_background_decode_is_logged_and_requests_still_work(detector,
     assert "decoding masks ahead failed" in caplog.text
     assert len(pipeline.run(image, PROMPT, 0.3, 0.25)) >= 0  # served as usual
     assert pipeline.wait_idle(timeout=60)
+
+
+def test_models_false_answers_from_the_caches_or_raises_cache_miss(pipeline, image):
+    from segmentation.pipeline import CacheMiss
+
+    _, middle, loose = score_cuts(pipeline, image, PROMPT)
+    with pytest.raises(CacheMiss):  # nothing cached yet
+        pipeline.run(image, PROMPT, middle, models=False)
+    assert pipeline.stats == pipeline_module.PipelineStats()
+    shown = pipeline.run(image, PROMPT, middle)
+    again = pipeline.run(image, PROMPT, middle, models=False)
+    np.testing.assert_array_equal(again.masks, shown.masks)
+    with pytest.raises(CacheMiss, match="mask decoder"):  # more boxes than were decoded
+        pipeline.run(image, PROMPT, loose, models=False)
+
+
+def test_entries_recorded_in_one_pipeline_serve_another(detector, image):
+    """What a forked worker computed, copied into its parent (ZeroGPU)."""
+    from segmentation.pipeline import CacheMiss
+
+    worker = GroundedSAM(detector, BoxSegmenter(tiny_sam()), prefetch_boxes=4)
+    parent = GroundedSAM(detector, BoxSegmenter(worker.segmenter.sam), prefetch_boxes=4)
+    _, middle, _ = score_cuts(worker, image, PROMPT)
+    with worker.cache.recording() as added:
+        expected = worker.run(image, PROMPT, middle)
+    kinds = {key[0] for key, _, _ in added}
+    assert kinds == {"raw", "embedding", "mask"}
+    with pytest.raises(CacheMiss):
+        parent.run(image, PROMPT, middle, models=False)
+    parent.adopt(added)
+    result = parent.run(image, PROMPT, middle, models=False)
+    np.testing.assert_array_equal(result.masks, expected.masks)
+    assert parent.stats.detector_runs == parent.stats.image_embeddings == 0

@@ -4,12 +4,13 @@ The app (`app.build_demo`, the real event handlers and model store) serves full-
 (SwinT-OGC) and SAM (ViT-B by default) with random weights on this machine; headless Chromium
 (Debian's, as in tests/test_browser.py) uploads an image, types a prompt, presses Segment, then
 moves the box threshold slider (typing into its number box and leaving it: the slider's `release`
-event). Each figure runs from just before the input changes until the new image has been fetched
-and decoded by the browser (a MutationObserver on the result, then `img.decode()`), so it
-includes the queue, the handler (pipeline, drawing, JSON export, JPEG), the transfer and the
-browser's decoding. Two parts of it are printed too: the server's answer (from the page sending
-the event to the end of its answer stream: queue, handler and Gradio's processing) and the UI
-handler alone. Chromium shares the machine's cores with the server here.
+event). Each figure runs from the number box's `change` event (the release; for the first run,
+the click) until the new image has been fetched and decoded by the browser (a MutationObserver on
+the result, then `img.decode()`), so it includes the queue, the handler (pipeline, drawing, JSON
+export, JPEG), the transfer and the browser's work. Two parts of it are printed too: the
+server's answer (from the page sending the event to the end of its answer stream: queue, handler
+and Gradio's processing) and the UI handler alone. Chromium shares the machine's cores with the
+server here.
 
 Thresholds are picked from the raw scores so that the first run shows exactly --boxes boxes and
 each step down shows --step more. Rows:
@@ -50,8 +51,11 @@ from segmentation.sam import BoxSegmenter  # noqa: E402
 VOCAB = Path(__file__).resolve().parents[1] / "tests" / "data" / "bert-base-uncased-vocab.txt"
 PROMPT = "a cat . a remote control . a dog . a person ."
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-# Records when the result image changes and is decoded (window.__shownAt, performance.now()).
+# Records when the slider's number box commits a value (window.__t0: its change event, the moment
+# of the release) and when the result image changes and is decoded (window.__shownAt).
 WATCH_RESULT = """() => {
+  document.querySelector('#box_threshold input[type=number]').addEventListener(
+    'change', () => { window.__t0 = performance.now(); }, {capture: true});
   const root = document.querySelector('#annotated');
   window.__last = root.querySelector('img') ? root.querySelector('img').src : null;
   new MutationObserver(() => {

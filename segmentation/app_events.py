@@ -233,7 +233,9 @@ def present(image: np.ndarray, result, prompt: str, box_threshold: float, name: 
 
     if progress is not None:
         progress(0.8, desc="Drawing")
-    folder = report.export_folder()
+    # In Gradio's own cache folder, so that it serves the files without hashing and copying
+    # them (about 30 ms per answer).
+    folder = report.export_folder(gr.utils.get_upload_folder())
     rles = report.cached_rles(result, rle_cache) if rle_cache is not None else None
     return (report.write_picture(annotate(image, result), folder, name),
             report.legend_html(result), report.table(result),

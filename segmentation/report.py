@@ -58,16 +58,16 @@ def legend_html(result) -> str:
     return f'<div class="legend">{"".join(chips)}</div>'
 
 
-_last_prune = {"at": float("-inf")}
+_pruned_at: dict[Path, float] = {}  # export root -> time.monotonic() of its last pruning
 
 
 def _prune_exports(root: Path) -> None:
     """Remove run folders older than EXPORT_MAX_AGE_S; at most once a minute (every slider move
     makes a folder, and listing them all each time grows with the hour's moves)."""
     now = time.monotonic()
-    if now - _last_prune["at"] < 60:
+    if now - _pruned_at.get(root, float("-inf")) < 60:
         return
-    _last_prune["at"] = now
+    _pruned_at[root] = now
     cutoff = time.time() - EXPORT_MAX_AGE_S
     for folder in root.glob("run-*"):
         try:
@@ -77,11 +77,11 @@ def _prune_exports(root: Path) -> None:
             pass
 
 
-def export_folder() -> Path:
-    """A fresh folder for one run's files under the system's temporary folder (run folders
-    older than an hour are removed)."""
-    root = Path(tempfile.gettempdir()) / "grounded-sam-exports"
-    root.mkdir(exist_ok=True)
+def export_folder(parent: str | Path | None = None) -> Path:
+    """A fresh folder for one run's files, in `parent`/grounded-sam-exports (default: the
+    system's temporary folder); run folders older than an hour are removed."""
+    root = Path(parent or tempfile.gettempdir()) / "grounded-sam-exports"
+    root.mkdir(parents=True, exist_ok=True)
     _prune_exports(root)
     return Path(tempfile.mkdtemp(prefix="run-", dir=root))
 

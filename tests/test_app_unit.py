@@ -279,15 +279,24 @@ def test_export_folders_older_than_an_hour_are_removed(tmp_path, monkeypatch):
     from segmentation import report
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setitem(report._last_prune, "at", float("-inf"))
+    monkeypatch.setattr(report, "_pruned_at", {})
     old, recent = report.export_folder(), report.export_folder()
+    assert old.parent == tmp_path / "grounded-sam-exports"
     hour_ago = os.path.getmtime(old) - report.EXPORT_MAX_AGE_S - 5
     os.utime(old, (hour_ago, hour_ago))
     newest = report.export_folder()  # pruned at most once a minute: not yet
     assert old.exists()
-    monkeypatch.setitem(report._last_prune, "at", float("-inf"))  # a minute later
+    report._pruned_at.clear()  # a minute later
     report.export_folder()
     assert not old.exists() and recent.exists() and newest.exists()
+
+
+def test_ui_exports_are_written_where_gradio_serves_them_without_copying(events, upload):
+    picture, _, _, downloads, _, _ = events.ui_segment(upload, PROMPT, 0.5, 0.25, None,
+                                                       no_progress)
+    cache = Path(gr.utils.get_upload_folder()).resolve()
+    for path in (picture, *downloads):
+        assert cache in Path(path).resolve().parents
 
 
 def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(events, tmp_path,

@@ -213,10 +213,7 @@ class GroundedSAM:
              models: bool) -> tuple[SegmentedDetections, _Lookahead | None]:
         """`run` itself, under the lock; also what the background thread may decode next."""
         image_key = _digest(pixels)
-        if not models:
-            self._check_cached(image_key, caption, box_threshold, text_threshold, nms_threshold,
-                               max_detections)
-        raw, fresh = self._raw_prediction(pixels, image_key, caption)
+        raw, fresh = self._raw_prediction(pixels, image_key, caption, models)
         detections = self.detector.select(raw, box_threshold, text_threshold, nms_threshold)
         omitted = 0
         if max_detections is not None and len(detections) > max_detections:
@@ -225,10 +222,12 @@ class GroundedSAM:
                 detections.boxes[:max_detections], detections.scores[:max_detections],
                 detections.phrases[:max_detections], detections.phrase_ids[:max_detections],
                 detections.prompt_phrases)
-        embedding = self._embedding(pixels, image_key)
-        prefetch = (self._boxes_below(raw, box_threshold, text_threshold, nms_threshold)
+        embedding = self._embedding(pixels, image_key, models)
+        prefetch = (self._boxes_below(raw, (box_threshold, text_threshold, nms_threshold),
+                                      box_threshold - PREFETCH_MARGIN, self.prefetch_boxes)
                     if fresh and not self.background_boxes else np.zeros((0, 4), np.float32))
-        masks, mask_scores = self._masks(image_key, embedding, detections.boxes, prefetch)
+        masks, mask_scores = self._masks(image_key, embedding, detections.boxes, prefetch,
+                                         models)
         result = SegmentedDetections(
             boxes=detections.boxes, scores=detections.scores, phrases=detections.phrases,
             phrase_ids=detections.phrase_ids, prompt_phrases=detections.prompt_phrases,
@@ -238,18 +237,6 @@ class GroundedSAM:
         return result, _Lookahead(image_key, raw, embedding,
                                   (box_threshold, text_threshold, nms_threshold))
 
-    def _check_cached(self, image_key: str, caption: str, box_threshold: float,
-                      text_threshold: float, nms_threshold: float | None,
-                      max_detections: int | None) -> None:
-        """Raise CacheMiss unless the raw outputs, the embedding and every mask are cached."""
-        raw = self.cache.get(("raw", image_key, caption))
-        if raw is None or ("embedding", image_key) not in self.cache:
-            raise CacheMiss("the detector or SAM's image encoder would have to run")
-        boxes = self.detector.select(raw, box_threshold, text_threshold, nms_threshold).boxes
-        if any(("mask", image_key, box.tobytes()) not in self.cache
-               for box in boxes[:max_detections]):
-            raise CacheMiss("SAM's mask decoder would have to run")
-
     def adopt(self, entries: list) -> None:
         """Put cache entries computed elsewhere (`cache.recording()` in a forked process) into
         this pipeline's cache."""
@@ -257,28 +244,30 @@ class GroundedSAM:
             for key, value, nbytes in entries:
                 self.cache.put(key, value, nbytes)
 
-    def _raw_prediction(self, pixels: np.ndarray, image_key: str, caption: str,
+    def _raw_prediction(self, pixels: np.ndarray, image_key: str, caption: str, models: bool,
                         ) -> tuple[RawPrediction, bool]:
         """The detector's raw outputs, and whether the detector just ran for them."""
         key = ("raw", image_key, caption)
         raw = self.cache.get(key)
         if raw is not None:
             return raw, False
+        if not models:
+            raise CacheMiss("the detector would have to run")
         raw = self.detector.infer(pixels, caption)
         self.stats.detector_runs += 1
         size = sum(logits.nbytes + boxes.nbytes for _, logits, boxes in raw.chunks)
         self.cache.put(key, raw, size)
         return raw, True
 
-    def _boxes_below(self, raw: RawPrediction, box_threshold: float, text_threshold: float,
-                     nms_threshold: float | None) -> np.ndarray:
-        """(K, 4) the best `prefetch_boxes` boxes scoring up to PREFETCH_MARGIN below the
-        threshold, best first."""
-        if not self.prefetch_boxes:
+    def _boxes_below(self, raw: RawPrediction, thresholds: tuple[float, float, float | None],
+                     floor: float, limit: int) -> np.ndarray:
+        """(K, 4) the best `limit` boxes that the box threshold drops and `floor` keeps, best
+        first (`thresholds`: box, text, NMS)."""
+        if not limit:
             return np.zeros((0, 4), np.float32)
-        nearby = self.detector.select(raw, max(0.0, box_threshold - PREFETCH_MARGIN),
-                                      text_threshold, nms_threshold)
-        return nearby.boxes[nearby.scores <= box_threshold][:self.prefetch_boxes]
+        box_threshold, text_threshold, nms_threshold = thresholds
+        nearby = self.detector.select(raw, max(0.0, floor), text_threshold, nms_threshold)
+        return nearby.boxes[nearby.scores <= box_threshold][:limit]
 
     def _look_ahead(self, lookahead: _Lookahead) -> None:
         """Make `lookahead` the background thread's job (replacing any older one)."""
@@ -316,9 +305,7 @@ class GroundedSAM:
     def _decode_chunk(self, job: _Lookahead) -> bool:
         """Decode the next BACKGROUND_CHUNK uncached boxes of `job`; True when none are left."""
         if job.boxes is None:
-            box_threshold, text_threshold, nms_threshold = job.thresholds
-            below = self.detector.select(job.raw, 0.0, text_threshold, nms_threshold)
-            job.boxes = below.boxes[below.scores <= box_threshold][:self.background_boxes]
+            job.boxes = self._boxes_below(job.raw, job.thresholds, 0.0, self.background_boxes)
         chunk = []
         while job.done < len(job.boxes) and len(chunk) < BACKGROUND_CHUNK:
             box = job.boxes[job.done]
@@ -334,23 +321,27 @@ class GroundedSAM:
                 self.cache.put(("mask", job.image_key, box.tobytes()), entry, entry.nbytes)
         return job.done >= len(job.boxes)
 
-    def _embedding(self, pixels: np.ndarray, image_key: str) -> ImageEmbedding:
+    def _embedding(self, pixels: np.ndarray, image_key: str, models: bool) -> ImageEmbedding:
         key = ("embedding", image_key)
         embedding = self.cache.get(key)
         if embedding is None:
+            if not models:
+                raise CacheMiss("SAM's image encoder would have to run")
             embedding = self.segmenter.embed(pixels)
             self.stats.image_embeddings += 1
             self.cache.put(key, embedding, embedding.nbytes)
         return embedding
 
     def _masks(self, image_key: str, embedding: ImageEmbedding, boxes: np.ndarray,
-               prefetch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+               prefetch: np.ndarray, models: bool) -> tuple[np.ndarray, np.ndarray]:
         """(N, H, W) bool masks and (N,) scores of `boxes`, decoding, in one call, the boxes not
         in the cache and the `prefetch` boxes not in the cache (those only to cache them)."""
         keys = [("mask", image_key, box.tobytes()) for box in boxes]
         found: list[_Mask | None] = [self.cache.get(key) for key in keys]
         missing = [index for index, entry in enumerate(found) if entry is None]
         extra = [box for box in prefetch if ("mask", image_key, box.tobytes()) not in self.cache]
+        if missing and not models:
+            raise CacheMiss("SAM's mask decoder would have to run")
         if missing or extra:
             self.segmenter.use(embedding)
             # One dtype for all, so that the cache keys (the boxes' bytes) match later lookups.

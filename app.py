@@ -26,6 +26,7 @@ except ImportError:  # not on a Space: segmentation.app_events makes @gpu a no-o
 
 import argparse
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,13 +91,15 @@ OFFLINE_BANNER = ("**Offline mode:** tiny random-weight models, nothing download
 def build_demo(config: AppConfig) -> gr.Blocks:
     """The Blocks app for a configuration (models are not loaded here)."""
     events.MODELS.configure(config.models)
+    # Now, not on the first answer: export folders left by processes that died are removed.
+    events.export_folders(gr.utils.get_upload_folder())
     with gr.Blocks(title="Grounded SAM", analytics_enabled=False,
                    delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
         if config.models.offline:
             gr.Markdown(OFFLINE_BANNER, elem_id="offline_banner")
         status = gr.Markdown(f"Models: {config.models.describe()}.", elem_id="model_status")
-        session = gr.State(None)
+        session = gr.State(None, time_to_live=3600)  # the decoded image: bounded in time too
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", image_mode=None, label="Image",
@@ -185,6 +188,9 @@ if ON_SPACES:
     events.MODELS.get()
 
 if __name__ == "__main__":
+    # SIGTERM (docker stop, Spaces restarts) ends the server like Ctrl-C does, so exit handlers
+    # run: the export folder of this process is removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if ON_SPACES:
         launch(demo, SPACE_CONFIG)
     else:

@@ -96,7 +96,7 @@ class Detector:
         caption = normalize_caption(caption)
         pil = to_pil_rgb(image)
         pixels = preprocess(pil)[None].to(self.device)
-        token_ids = self.tokenizer(caption)["input_ids"]
+        token_ids = self.caption_tokens(caption)
         features = self.model.encode_image(pixels)
         chunks = []
         for ids in split_caption_tokens(token_ids, self.max_text_len, self.separator_ids):
@@ -106,6 +106,20 @@ class Detector:
             output = self.model.ground(features, input_ids, token_mask, text_masks=text_masks)
             chunks.append((ids, output.logits[0].float().cpu(), output.boxes[0].float().cpu()))
         return RawPrediction(chunks=chunks, image_size=pil.size)
+
+    def caption_tokens(self, caption: str) -> list[int]:
+        """The token ids of a normalised caption.
+
+        Raises:
+            ValueError: none of its words is in the tokenizer's vocabulary (all "[UNK]", for
+                example a prompt in a script the vocabulary lacks): every label would be "[UNK]".
+        """
+        token_ids = self.tokenizer(caption)["input_ids"]
+        words = [i for i in token_ids if i not in self.special_token_ids]
+        if words and all(i == self.tokenizer.unk_token_id for i in words):
+            raise ValueError("none of the prompt's words is known to the model (its vocabulary "
+                             "is English): name the objects in English, e.g. 'cat . dog .'")
+        return token_ids
 
     def select(self, raw: RawPrediction, box_threshold: float = 0.35,
                text_threshold: float = 0.25, nms_threshold: float | None = None) -> Detections:

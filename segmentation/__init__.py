@@ -10,7 +10,14 @@
 """
 
 from segmentation.build import load_pipeline
-from segmentation.export import rle_decode, rle_encode, to_coco, to_json_dict, to_zip
+from segmentation.export import (
+    rle_decode,
+    rle_encode,
+    to_coco,
+    to_json_dict,
+    to_zip,
+    write_zip,
+)
 from segmentation.images import load_image
 from segmentation.pipeline import GroundedSAM, PipelineStats, SegmentedDetections
 from segmentation.sam import (
@@ -26,5 +33,5 @@ __all__ = [
     "SAM_CHECKPOINTS", "BoxSegmenter", "GroundedSAM", "ImageEmbedding", "PipelineStats",
     "SegmentedDetections", "annotate", "annotated_image_value", "build_sam", "legend",
     "load_image", "load_pipeline", "rle_decode", "rle_encode", "sam_checkpoint", "to_coco",
-    "to_json_dict", "to_zip",
+    "to_json_dict", "to_zip", "write_zip",
 ]

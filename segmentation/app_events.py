@@ -22,8 +22,10 @@ except ImportError:  # not on a Space: @gpu is a no-op
 
 import contextlib
 import functools
+import html
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,9 +36,14 @@ import numpy as np
 
 from segmentation import report
 from segmentation.cli import ModelChoice, load_models
+from segmentation.export_folders import ExportFolders
 from segmentation.pipeline import CacheMiss
 
 MAX_PROMPT_CHARS = 2000
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # also the server's max_file_size (app.py)
+EXAMPLE_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+NOT_UPLOADED = ("The image must be uploaded (through the page, or with gradio_client's "
+                "handle_file); server paths are not accepted.")
 MAX_DETECTIONS = 100  # each mask is H x W bytes and about 0.1 s of SAM decoding on a CPU
 BACKGROUND_BOXES = 48  # decoded after each run, just below the threshold: sliding down is instant
 ZERO_GPU_PREFETCH_BOXES = 48  # on ZeroGPU the GPU call decodes them (milliseconds each) instead
@@ -76,8 +83,9 @@ class ModelStore:
         self._lock = threading.Lock()
 
     def configure(self, choice: ModelChoice) -> None:
-        if self.choice != choice:
-            self.choice, self._pipeline = choice, None
+        with self._lock:  # never while `get` is loading the previous choice
+            if self.choice != choice:
+                self.choice, self._pipeline = choice, None
 
     @property
     def loaded(self) -> bool:
@@ -98,6 +106,14 @@ class ModelStore:
 
 
 MODELS = ModelStore()
+
+
+@functools.cache
+def export_folders(parent: str) -> ExportFolders:
+    """This process's export folders under `parent` (Gradio's upload folder, so that Gradio serves
+    the files without copying them), started on first use: stale folders of dead processes are
+    removed then, old runs on a timer, and this process's own at exit."""
+    return ExportFolders(parent).start()
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -134,13 +150,43 @@ def check_prompt(prompt) -> str:
 
 
 def check_threshold(name: str, value) -> float:
+    """A real number in [0, 1]: not a string, not `true`, not NaN."""
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not 0.0 <= float(value) <= 1.0:
+        shown = text_for_message(repr(value), 40)
+        raise bad_input(f"{name} must be a number between 0 and 1, got {shown}",
+                        title="Bad threshold")
+    return float(value)
+
+
+def read_upload(path: str) -> bytes:
+    """The bytes of an image input, only when it is a regular file inside Gradio's upload folder
+    (uploads and cached examples) or one of our example assets.
+
+    Anything else (a server path sent through the API, a directory, a device, a FIFO, a missing
+    file, a link leading out of those folders) gets one message that says nothing about the path,
+    without opening it; no OS error text reaches the caller.
+    """
+    real = os.path.realpath(path)
+    roots = (os.path.realpath(gr.utils.get_upload_folder()), str(EXAMPLE_ASSETS))
+    if not any(os.path.commonpath((real, root)) == root for root in roots):
+        raise bad_input(NOT_UPLOADED, title="Image not uploaded")
     try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise bad_input(f"{name} must be a number between 0 and 1, got {value!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise bad_input(f"{name} must be between 0 and 1, got {value}")
-    return value
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        descriptor = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        raise bad_input(NOT_UPLOADED, title="Image not uploaded") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise bad_input(NOT_UPLOADED, title="Image not uploaded")
+        if info.st_size > MAX_UPLOAD_BYTES:
+            raise bad_input(f"The file has {info.st_size / 2**20:.0f} MB; the limit is "
+                            f"{MAX_UPLOAD_BYTES // 2**20} MB.", title="File too large")
+        try:
+            return handle.read(MAX_UPLOAD_BYTES + 1)
+        except OSError:
+            raise bad_input(NOT_UPLOADED, title="Image not uploaded") from None
 
 
 def decode_image(path: str | None) -> np.ndarray:
@@ -149,11 +195,18 @@ def decode_image(path: str | None) -> np.ndarray:
 
     if path is None:
         raise bad_input("Upload an image first (or pick an example).", title="No image")
+    data = read_upload(path)
     try:  # from bytes, so messages say "the uploaded file", not a server path
-        return np.asarray(load_image(Path(path).read_bytes()))
+        return np.asarray(load_image(data))
     except (OSError, ValueError) as error:
-        raise bad_input(f"This file cannot be used as an image: {error}",
+        raise bad_input(f"This file cannot be used as an image: {text_for_message(error)}",
                         title="Unreadable image") from None
+
+
+def text_for_message(value, limit: int = 200) -> str:
+    """`value` as plain text for a message: HTML-escaped and cut to `limit` characters (toasts
+    and Markdown render markup; prompts and errors may hold some)."""
+    return html.escape(str(value)[:limit], quote=False)
 
 
 def validate_run(image_value, prompt, box_threshold, text_threshold, session) -> list[dict]:
@@ -175,7 +228,7 @@ def segment(image: np.ndarray, prompt: str, box_threshold: float, text_threshold
         return MODELS.get().run(image, prompt, box_threshold, text_threshold,
                                 max_detections=MAX_DETECTIONS, models=models)
     except ValueError as error:  # e.g. one phrase of the prompt longer than 256 tokens
-        raise bad_input(str(error), title="Cannot segment") from None
+        raise bad_input(text_for_message(error), title="Cannot segment") from None
 
 
 @gpu
@@ -196,8 +249,9 @@ def loaded_models():
     try:
         return MODELS.get()
     except (OSError, ValueError, RuntimeError) as error:
-        raise gr.Error(f"The models could not be loaded: {error} (To try the interface without "
-                       "weights, start the app with --offline.)", title="Models") from None
+        raise gr.Error(f"The models could not be loaded: {text_for_message(error, 500)} "
+                       "(To try the interface without weights, start the app with --offline.)",
+                       title="Models") from None
 
 
 def run_pipeline(image: np.ndarray, prompt: str, box_threshold, text_threshold,
@@ -235,7 +289,7 @@ def present(image: np.ndarray, result, prompt: str, box_threshold: float, name: 
         progress(0.8, desc="Drawing")
     # In Gradio's own cache folder, so that it serves the files without hashing and copying
     # them (about 30 ms per answer).
-    folder = report.export_folder(gr.utils.get_upload_folder())
+    folder = export_folders(gr.utils.get_upload_folder()).new_run()
     rles = report.cached_rles(result, rle_cache) if rle_cache is not None else None
     return (report.write_picture(annotate(image, result), folder, name),
             report.legend_html(result), report.table(result),
@@ -294,7 +348,8 @@ def ui_zip(image_value, prompt, box_threshold, text_threshold, session, progress
     result = run_pipeline(session["image"], prompt, box_threshold, text_threshold, progress)
     progress(0.6, desc=f"Writing {len(result)} masks and cut-outs")
     return report.write_exports(session["image"], result, upload_name(image_value),
-                                with_zip=True)
+                                with_zip=True,
+                                folder=export_folders(gr.utils.get_upload_folder()).new_run())
 
 
 @pausing_background
@@ -324,8 +379,9 @@ def api_annotate(image, prompt, box_threshold, text_threshold) -> tuple:
 
     pixels = decode_image(upload_path(image))
     result = run_pipeline(pixels, prompt, box_threshold, text_threshold)
-    json_path, zip_path = report.write_exports(pixels, result, upload_name(image),
-                                               with_zip=True)
+    json_path, zip_path = report.write_exports(
+        pixels, result, upload_name(image), with_zip=True,
+        folder=export_folders(gr.utils.get_upload_folder()).new_run())
     return annotate(pixels, result), json_path, zip_path
 
 

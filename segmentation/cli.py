@@ -5,7 +5,10 @@
 Writes OUT_DIR/<stem>_annotated.png per image (masks, boxes, "phrase score" labels),
 OUT_DIR/annotations.json (COCO: one entry per image, boxes xywh, scores, RLE masks; one category
 per prompt phrase) and, with --zip, OUT_DIR/<stem>_masks.zip (per-object PNG masks and cut-outs).
-Files that cannot be read as images are reported on stderr and skipped.
+A file that fails (unreadable, too large, too thin, or anything else) is reported on stderr with its
+name and skipped; the batch goes on. annotations.json is always written for the images processed,
+also when the run is interrupted (Ctrl-C or SIGTERM). Exit status: 0 when at least one image was
+processed, 1 when none was, 130 when interrupted.
 
 The model flags and their environment variables (`add_model_arguments`, `model_choice`) are
 shared with app.py.
@@ -14,12 +17,15 @@ shared with app.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,15 +191,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the batch; returns 0 when at least one image was processed, 1 otherwise."""
+    """Run the batch. Exit status: 0 when at least one image was processed, 1 when none was (or
+    the models could not load), 130 when interrupted (Ctrl-C or SIGTERM). annotations.json is
+    written in every case, with the images processed until then."""
+    from grounding.predictor import normalize_caption
+
     args = parse_args(argv)
-    import numpy as np
-    from PIL import Image
-
-    from segmentation.export import to_coco, to_zip
-    from segmentation.images import load_image
-    from segmentation.visualize import annotate
-
     paths = sorted(p for p in args.images.iterdir() if p.is_file() and not p.name.startswith("."))
     if not paths:
         print(f"error: {args.images} has no files", file=sys.stderr)
@@ -204,35 +207,84 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as error:
         print(f"error: could not load the models: {error}", file=sys.stderr)
         return 1
+    try:  # a prompt no image can answer fails once, not once per file
+        pipeline.detector.caption_tokens(normalize_caption(args.prompt))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     stems = output_stems(paths)
-    coco_parts, skipped, found = [], [], 0
-    for index, path in enumerate(paths, start=1):
-        start = time.perf_counter()
+    coco_parts: list[dict] = []
+    failed: list[str] = []
+    interrupted = False
+    with _sigterm_as_interrupt():
         try:
-            image = np.asarray(load_image(path))
-        except (OSError, ValueError) as error:
-            skipped.append(path.name)
-            print(f"[{index}/{len(paths)}] skipped {path.name}: {error}", file=sys.stderr)
-            continue
-        result = pipeline.run(image, args.prompt, args.box_threshold, args.text_threshold)
-        Image.fromarray(annotate(image, result)).save(args.out / f"{stems[path]}_annotated.png")
-        if args.zip:
-            (args.out / f"{stems[path]}_masks.zip").write_bytes(to_zip(image, result))
-        height, width = image.shape[:2]
-        coco_parts.append(to_coco(result, file_name=path.name, width=width, height=height,
-                                  image_id=len(coco_parts) + 1))
-        found += len(result)
-        print(f"[{index}/{len(paths)}] {path.name}: {len(result)} objects "
-              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+            for index, path in enumerate(paths, start=1):
+                start = time.perf_counter()
+                try:  # any failure on one file is reported, and the batch goes on
+                    part = _process(pipeline, path, stems[path], args, len(coco_parts) + 1)
+                except Exception as error:
+                    failed.append(path.name)
+                    print(f"[{index}/{len(paths)}] skipped {path.name}: "
+                          f"{type(error).__name__}: {error}", file=sys.stderr)
+                    continue
+                coco_parts.append(part)
+                print(f"[{index}/{len(paths)}] {path.name}: {len(part['annotations'])} objects "
+                      f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        except KeyboardInterrupt:
+            interrupted = True
+            print(f"interrupted: writing the {len(coco_parts)} images done", file=sys.stderr)
+        finally:
+            _write_coco(args, coco_parts)
+    found = sum(len(part["annotations"]) for part in coco_parts)
+    print(f"{len(coco_parts)} images, {found} objects -> {args.out / COCO_FILE}"
+          + (f"; skipped {len(failed)}: {', '.join(failed)}" if failed else ""))
+    if interrupted:
+        return 130
+    return 0 if coco_parts else 1
+
+
+def _process(pipeline, path: Path, stem: str, args: argparse.Namespace, image_id: int) -> dict:
+    """Detect and segment one file, write its outputs, and return its COCO part."""
+    import numpy as np
+    from PIL import Image
+
+    from segmentation.export import to_coco, write_zip
+    from segmentation.images import load_image
+    from segmentation.visualize import annotate
+
+    image = np.asarray(load_image(path))
+    result = pipeline.run(image, args.prompt, args.box_threshold, args.text_threshold)
+    height, width = image.shape[:2]
+    coco = to_coco(result, file_name=path.name, width=width, height=height, image_id=image_id)
+    Image.fromarray(annotate(image, result)).save(args.out / f"{stem}_annotated.png")
+    if args.zip:
+        write_zip(args.out / f"{stem}_masks.zip", image, result, file_name=path.name, coco=coco)
+    return coco
+
+
+def _write_coco(args: argparse.Namespace, parts: list[dict]) -> None:
+    """OUT/annotations.json for the images processed, replaced atomically (never half written)."""
     coco = {"info": {"description": "Grounded SAM detections", "prompt": args.prompt,
                      "box_threshold": args.box_threshold, "text_threshold": args.text_threshold,
                      "models": args.models.describe()},
-            **merge_coco(coco_parts)}
-    (args.out / COCO_FILE).write_text(json.dumps(coco))
-    print(f"{len(coco_parts)} images, {found} objects -> {args.out / COCO_FILE}"
-          + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ""))
-    return 0 if coco_parts else 1
+            **merge_coco(parts)}
+    partial = args.out / f".{COCO_FILE}.part"
+    partial.write_text(json.dumps(coco))
+    os.replace(partial, args.out / COCO_FILE)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C meanwhile, so that a killed batch still writes what it did."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

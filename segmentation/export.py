@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import warnings
 import zipfile
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -111,35 +112,47 @@ def to_json_dict(result: SegmentedDetections) -> dict[str, Any]:
     }
 
 
-def to_zip(image: Image.Image | np.ndarray, result: SegmentedDetections, *,
-           file_name: str = "image.png") -> bytes:
-    """A ZIP archive of the result.
+def write_zip(target: str | os.PathLike | BinaryIO, image: Image.Image | np.ndarray,
+              result: SegmentedDetections, *, file_name: str = "image.png",
+              coco: dict[str, Any] | None = None) -> None:
+    """Write a ZIP archive of the result to a file, one member at a time (streamed: memory holds
+    one mask's PNG at a time, never the archive).
 
     Holds annotations.json (COCO, see `to_coco`) and, per detection i, masks/{i:03d}_{phrase}.png
-    (8-bit gray, 255 = object) and, when its mask is not empty, cutouts/{i:03d}_{phrase}.png
-    (RGBA cropped to the mask: the image's pixels with alpha 255 on the mask, transparent black
-    elsewhere).
+    (8-bit gray at the image's size, 255 = object) and, when its mask is not empty,
+    cutouts/{i:03d}_{phrase}.png (RGBA cropped to the mask's extent: the image's pixels with alpha
+    255 on the mask, transparent black elsewhere).
 
     Args:
+        target: a path, or a binary file open for writing.
         image: the image the result belongs to (same size as the masks).
         file_name: the image's name recorded in annotations.json.
+        coco: `to_coco` of the result when the caller has it already (not computed twice).
     """
     pixels = rgb_array(image)
     height, width = pixels.shape[:2]
-    coco = to_coco(result, file_name=file_name, width=width, height=height)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
+    if coco is None:
+        coco = to_coco(result, file_name=file_name, width=width, height=height)
+    with zipfile.ZipFile(target, "w") as archive:
         archive.writestr("annotations.json", json.dumps(coco), zipfile.ZIP_DEFLATED)
         for index, (mask, phrase) in enumerate(zip(result.masks, result.phrases, strict=True)):
             name = f"{index:03d}_{_slug(phrase)}.png"
-            archive.writestr(f"masks/{name}", _png(Image.fromarray(mask.astype(np.uint8) * 255)))
+            mask = np.asarray(mask, dtype=bool)
+            archive.writestr(f"masks/{name}", _png(Image.fromarray(mask.view(np.uint8) * 255)))
             rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
             if len(rows) == 0:
                 continue
             window = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
             inside = mask[window]
-            cutout = np.dstack([pixels[window] * inside[..., None], inside.astype(np.uint8) * 255])
+            cutout = np.dstack([pixels[window] * inside[..., None], inside.view(np.uint8) * 255])
             archive.writestr(f"cutouts/{name}", _png(Image.fromarray(cutout)))
+
+
+def to_zip(image: Image.Image | np.ndarray, result: SegmentedDetections, *,
+           file_name: str = "image.png") -> bytes:
+    """`write_zip` into memory: the archive's bytes (for small results; files use `write_zip`)."""
+    buffer = io.BytesIO()
+    write_zip(buffer, image, result, file_name=file_name)
     return buffer.getvalue()
 
 

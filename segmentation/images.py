@@ -1,10 +1,12 @@
 """Images from wherever users have them, as 8-bit RGB, or a ValueError that says what is wrong.
 
-Handles files and uploads that are empty, corrupt or not images; decompression bombs (Pillow
-refuses images over 2 x `PIL.Image.MAX_IMAGE_PIXELS`, about 179 MP, before decoding; anything over
-`max_pixels` is decoded at a reduced scale where the format allows it, then resized); every Pillow
-mode (grayscale, palette, alpha composited on white, CMYK, 16-bit scaled to 8 bits); and the EXIF
-orientation tag.
+Handles files and uploads that are empty, corrupt or not images; decompression bombs (the size is
+read from the file's header before any pixel is decoded: JPEGs larger than `max_pixels` are decoded
+at 1/2, 1/4 or 1/8 scale, and whatever would still decode to more than MAX_DECODE_PIXELS (40 MP) is
+refused with a message naming its size; anything over `max_pixels` is then resized); images too thin
+to detect anything in (one side more than MAX_ASPECT_RATIO times the other: the detector would
+shrink the short side below a pixel); every Pillow mode (grayscale, palette, alpha composited on
+white, CMYK, 16-bit scaled to 8 bits); and the EXIF orientation tag.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Larger images are resized to this many pixels. 4096 x 4096 keeps phone photos (12 MP) whole; the
 # models see at most 1333 px (Grounding DINO) and 1024 px (SAM), so more only costs memory.
 MAX_PIXELS = 4096 * 4096
+# No file decodes to more pixels than this (about 160 MB as RGBA): larger ones are refused from
+# their header. A 20 KB PNG can claim 13000 x 13000 pixels (1.6 GB and tens of seconds to decode).
+MAX_DECODE_PIXELS = 40_000_000
+# Long side / short side. Grounding DINO resizes the long side to at most 1333 px, so beyond this
+# the short side would be under 67 px; at 20000 x 1 it would be 0.
+MAX_ASPECT_RATIO = 20
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -32,11 +40,14 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray, *,
         source: a file path, the bytes of an image file, a PIL image (any mode), or an array:
             (H, W) gray, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA, of uint8, uint16, bool, or
             floats in [0, 1].
-        max_pixels: larger images are resized (aspect kept) to fit; None keeps every pixel.
+        max_pixels: larger images are resized (aspect kept) to fit; None keeps every pixel
+            (files still decode to at most MAX_DECODE_PIXELS).
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: empty, corrupt, not an image, too large to decode, or an unusable array.
+        ValueError: empty, corrupt, not an image, too large to decode (over MAX_DECODE_PIXELS
+            once a JPEG's reduced decoding is used), too thin (`check_shape`), or an unusable
+            array.
     """
     if isinstance(source, np.ndarray):
         image = _from_array(source)
@@ -56,14 +67,22 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray, *,
     else:
         raise ValueError("expected an image file path, its bytes, a PIL image or a numpy array, "
                          f"got {type(source).__name__}")
-    if image.width == 0 or image.height == 0:
-        raise ValueError("the image is empty (0 pixels)")
+    check_shape(image.width, image.height)
     image = to_rgb(_upright(image))
     if max_pixels is not None and image.width * image.height > max_pixels:
         scale = math.sqrt(max_pixels / (image.width * image.height))
         size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return image
+
+
+def check_shape(width: int, height: int) -> None:
+    """Raise a ValueError for an image with no pixels or one too thin to detect anything in."""
+    if width <= 0 or height <= 0:
+        raise ValueError("the image is empty (0 pixels)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"the image is too thin ({width} x {height} pixels): its long side may be "
+                         f"at most {MAX_ASPECT_RATIO} times its short side")
 
 
 def rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -107,10 +126,17 @@ def _open(source: str | io.BytesIO, name: str, max_pixels: int | None) -> Image.
         except UnidentifiedImageError as error:
             raise ValueError(f"{name} is not an image (or not in a format Pillow reads: PNG, "
                              "JPEG, WebP, GIF, BMP, TIFF, ...)") from error
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            scale = math.sqrt(max_pixels / (image.width * image.height))
+        width, height = image.size  # from the header: nothing is decoded yet
+        check_shape(width, height)
+        limit = min(max_pixels or MAX_DECODE_PIXELS, MAX_DECODE_PIXELS)
+        if width * height > limit:
+            scale = math.sqrt(limit / (width * height))
             # JPEG decodes at 1/2, 1/4 or 1/8 scale here (no other format does): far less memory.
-            image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        if image.width * image.height > MAX_DECODE_PIXELS:
+            raise ValueError(f"{name} is too large: {width} x {height} pixels "
+                             f"({width * height / 1e6:.0f} MP); the limit is "
+                             f"{MAX_DECODE_PIXELS / 1e6:.0f} MP")
         try:
             image.load()
         except (OSError, SyntaxError, ValueError) as error:

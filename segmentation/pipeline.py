@@ -33,7 +33,7 @@ from PIL import Image
 from grounding import Detections, Detector, RawPrediction
 from grounding.predictor import normalize_caption
 from segmentation.cache import ByteLRU
-from segmentation.images import rgb_array
+from segmentation.images import check_shape, rgb_array
 from segmentation.sam import BoxSegmenter, ImageEmbedding
 
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -174,11 +174,12 @@ class GroundedSAM:
         Raises:
             CacheMiss: `models` is False and something is not cached.
             ValueError: an empty prompt, thresholds outside [0, 1], `max_detections` < 0, or an
-                unusable image.
+                unusable image (also one too thin to detect in: `images.check_shape`).
         """
         if max_detections is not None and max_detections < 0:
             raise ValueError(f"max_detections must be >= 0 or None, got {max_detections}")
         pixels = rgb_array(image)
+        check_shape(pixels.shape[1], pixels.shape[0])
         caption = normalize_caption(prompt)
         with self.hold(), self._lock:
             result, lookahead = self._run(pixels, caption, box_threshold, text_threshold,

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import html
 import json
-import shutil
-import tempfile
-import time
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -16,11 +14,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from segmentation.export import rle_encode, to_coco, to_zip
+from segmentation.export import rle_encode, to_coco, write_zip
 from segmentation.visualize import legend
 
 TABLE_HEADERS = ["#", "phrase", "score", "x0", "y0", "x1", "y1", "mask px", "mask score"]
-EXPORT_MAX_AGE_S = 3600
+RLE_CACHE_ENTRIES = 256  # per session; more than the app ever shows at once (MAX_DETECTIONS)
 
 
 def table(result) -> pd.DataFrame:
@@ -36,17 +34,23 @@ def table(result) -> pd.DataFrame:
 def summary(result, prompt: str, box_threshold: float, seconds: float) -> str:
     """Markdown: what was found, per phrase, or why nothing was."""
     if len(result) == 0:
-        return (f"**No objects found** for “{prompt.strip()[:80]}” above box threshold "
-                f"{box_threshold:.2f}. Lower the box threshold, or name the objects "
+        return (f"**No objects found** for “{markdown_text(prompt.strip()[:80])}” above box "
+                f"threshold {box_threshold:.2f}. Lower the box threshold, or name the objects "
                 "differently (short nouns separated by “.” work best).")
     counts = Counter(result.prompt_phrases[int(i)] for i in result.phrase_ids)
-    found = ", ".join(f"{phrase} × {n}" for phrase, n in counts.most_common())
+    found = ", ".join(f"{markdown_text(phrase)} × {n}" for phrase, n in counts.most_common())
     noun = "object" if len(result) == 1 else "objects"
     message = f"**Found {len(result)} {noun}:** {found} ({seconds:.2f} s)"
     if result.omitted:
         message += (f". Showing the best {len(result)} of {len(result) + result.omitted} "
                     "detections above the box threshold; raise it to see fewer.")
     return message
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown literally inside Markdown: HTML escaped (no element can be injected) and
+    Markdown's punctuation backslash-escaped (no emphasis, link or image either)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", html.escape(text))
 
 
 def legend_html(result) -> str:
@@ -56,34 +60,6 @@ def legend_html(result) -> str:
              f"{html.escape(phrase)} ({counts.get(index, 0)})</span>"
              for index, (phrase, color) in enumerate(legend(result))]
     return f'<div class="legend">{"".join(chips)}</div>'
-
-
-_pruned_at: dict[Path, float] = {}  # export root -> time.monotonic() of its last pruning
-
-
-def _prune_exports(root: Path) -> None:
-    """Remove run folders older than EXPORT_MAX_AGE_S; at most once a minute (every slider move
-    makes a folder, and listing them all each time grows with the hour's moves)."""
-    now = time.monotonic()
-    if now - _pruned_at.get(root, float("-inf")) < 60:
-        return
-    _pruned_at[root] = now
-    cutoff = time.time() - EXPORT_MAX_AGE_S
-    for folder in root.glob("run-*"):
-        try:
-            if folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
-        except FileNotFoundError:  # another process pruned it first
-            pass
-
-
-def export_folder(parent: str | Path | None = None) -> Path:
-    """A fresh folder for one run's files, in `parent`/grounded-sam-exports (default: the
-    system's temporary folder); run folders older than an hour are removed."""
-    root = Path(parent or tempfile.gettempdir()) / "grounded-sam-exports"
-    root.mkdir(parents=True, exist_ok=True)
-    _prune_exports(root)
-    return Path(tempfile.mkdtemp(prefix="run-", dir=root))
 
 
 def write_picture(picture: np.ndarray, folder: Path, name: str) -> str:
@@ -100,26 +76,30 @@ def write_picture(picture: np.ndarray, folder: Path, name: str) -> str:
 def cached_rles(result, cache: dict) -> list[dict]:
     """`rle_encode` of each mask, reusing those in `cache` (box bytes -> (pixel count, RLE)) for
     the same image, where a box always gets the same mask; the pixel count guards the reuse.
-    Saves 1-3 ms per 1200 x 800 mask on every slider move."""
+    Saves 1-3 ms per 1200 x 800 mask on every slider move. `cache` keeps the RLE_CACHE_ENTRIES
+    most recently used entries (a session's memory stays bounded however long it goes on)."""
     rles = []
     for box, mask in zip(result.boxes, result.masks, strict=True):
         key, area = box.tobytes(), int(np.count_nonzero(mask))
-        if key not in cache or cache[key][0] != area:
-            cache[key] = (area, rle_encode(mask))
-        rles.append(cache[key][1])
+        entry = cache.pop(key, None)
+        if entry is None or entry[0] != area:
+            entry = (area, rle_encode(mask))
+        cache[key] = entry  # (re)inserted last: the most recently used
+        rles.append(entry[1])
+    for key in list(cache)[:max(0, len(cache) - RLE_CACHE_ENTRIES)]:
+        del cache[key]
     return rles
 
 
-def write_exports(image: np.ndarray, result, name: str, *, with_zip: bool,
-                  folder: Path | None = None, rles: list | None = None) -> list[str]:
-    """[COCO JSON] or [COCO JSON, ZIP of masks and cut-outs], written to `folder` (default: a
-    fresh `export_folder()`). `name` is the image's file name, recorded in the COCO JSON;
-    `rles` the masks' RLEs if known (see `export.to_coco`).
+def write_exports(image: np.ndarray, result, name: str, *, with_zip: bool, folder: Path,
+                  rles: list | None = None) -> list[str]:
+    """[COCO JSON] or [COCO JSON, ZIP of masks and cut-outs], written once each to `folder` (the
+    ZIP streamed: see `export.write_zip`). `name` is the image's file name, recorded in the
+    COCO JSON; `rles` the masks' RLEs if known (see `export.to_coco`).
 
     The ZIP is opt-in: it encodes two PNGs per object (seconds for a hundred objects), too slow
     for every slider move.
     """
-    folder = folder if folder is not None else export_folder()
     height, width = image.shape[:2]
     coco = to_coco(result, file_name=name, width=width, height=height, rles=rles)
     stem = Path(name).stem
@@ -127,5 +107,5 @@ def write_exports(image: np.ndarray, result, name: str, *, with_zip: bool,
     json_path.write_text(json.dumps(coco))
     if not with_zip:
         return [str(json_path)]
-    zip_path.write_bytes(to_zip(image, result, file_name=name))
+    write_zip(zip_path, image, result, file_name=name, coco=coco)
     return [str(json_path), str(zip_path)]

@@ -1,5 +1,6 @@
 """Shared fixtures and marker handling for the test suite."""
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,36 @@ def tokenizer():
     # transformers 5 silently ignores `vocab_file=` (it lands in **kwargs and a 5-token vocabulary
     # is built instead); the vocabulary goes in as `vocab=`.
     return BertTokenizer(vocab=str(VOCAB_FILE), do_lower_case=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(segmentation.app_events, client) for the app launched in this process on a free port
+    (so tests can read the pipeline's counters and patch the handlers' settings)."""
+    tmp = tmp_path_factory.mktemp("app")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
+        patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp / "examples"))
+        patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        import app
+        from segmentation import app_events
+        from segmentation.cli import ModelChoice
+
+        config = app.AppConfig(models=ModelChoice("swint_ogc", "vit_b", "cpu", offline=True),
+                               host="127.0.0.1", port=free_port())
+        demo = app.build_demo(config)
+        _, url, _ = app.launch(demo, config, prevent_thread_lock=True, quiet=True)
+        from gradio_client import Client
+
+        client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
+        try:
+            yield app_events, client
+        finally:
+            client.close()
+            demo.close()

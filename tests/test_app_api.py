@@ -4,7 +4,6 @@ gradio_client exactly as a user's script would (tiny random-weight models, no do
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import zipfile
 import zlib
@@ -12,43 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "red ball . blue box ."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(segmentation.app_events, client) for the app launched in this process on a free port
-    (so tests can read the pipeline's counters and patch the handlers' settings)."""
-    tmp = tmp_path_factory.mktemp("app")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
-        patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp / "examples"))
-        patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        import app
-        from segmentation import app_events
-        from segmentation.cli import ModelChoice
-
-        config = app.AppConfig(models=ModelChoice("swint_ogc", "vit_b", "cpu", offline=True),
-                               host="127.0.0.1", port=free_port())
-        demo = app.build_demo(config)
-        _, url, _ = app.launch(demo, config, prevent_thread_lock=True, quiet=True)
-        client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
-        try:
-            yield app_events, client
-        finally:
-            client.close()
-            demo.close()
 
 
 @pytest.fixture(scope="module")

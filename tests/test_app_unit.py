@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -40,9 +41,12 @@ def app():
 
 
 @pytest.fixture()
-def upload(tmp_path) -> dict:
-    """What the image input sends with preprocess=False: a FileData dict."""
-    path = tmp_path / "scene.png"
+def upload(tmp_path, monkeypatch) -> dict:
+    """What the image input sends with preprocess=False: a FileData dict of a file in Gradio's
+    upload folder (the handlers read nothing else)."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    path = tmp_path / "gradio" / "upload-hash" / "scene.png"
+    path.parent.mkdir(parents=True)
     Image.open(IMAGE).resize((160, 120)).save(path)
     return {"path": str(path), "orig_name": "my scene.png", "meta": {"_type": "gradio.FileData"}}
 
@@ -273,22 +277,39 @@ def test_cached_rles_are_redone_when_a_mask_differs():
     np.testing.assert_array_equal(rle_decode(report.cached_rles(result, cache)[0]), masks[0])
 
 
-def test_export_folders_older_than_an_hour_are_removed(tmp_path, monkeypatch):
-    import tempfile
+def test_export_runs_older_than_the_limit_are_pruned_by_the_timer(tmp_path):
+    from segmentation.export_folders import ExportFolders
 
-    from segmentation import report
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(report, "_pruned_at", {})
-    old, recent = report.export_folder(), report.export_folder()
-    assert old.parent == tmp_path / "grounded-sam-exports"
-    hour_ago = os.path.getmtime(old) - report.EXPORT_MAX_AGE_S - 5
+    folders = ExportFolders(tmp_path, max_age_s=3600, prune_every_s=0.05)
+    old, recent = folders.new_run(), folders.new_run()
+    assert old.parent == tmp_path / "grounded-sam-exports" / f"process-{os.getpid()}"
+    hour_ago = os.path.getmtime(old) - 3600 - 5
     os.utime(old, (hour_ago, hour_ago))
-    newest = report.export_folder()  # pruned at most once a minute: not yet
-    assert old.exists()
-    report._pruned_at.clear()  # a minute later
-    report.export_folder()
-    assert not old.exists() and recent.exists() and newest.exists()
+    deadline = time.monotonic() + 5
+    while old.exists() and time.monotonic() < deadline:  # no new export needed: the timer runs
+        time.sleep(0.02)
+    assert not old.exists() and recent.exists()
+    folders.close()
+    assert not folders.folder.exists()
+
+
+def test_export_folders_of_dead_processes_are_removed_at_start(tmp_path):
+    from segmentation.export_folders import ExportFolders
+
+    root = tmp_path / "grounded-sam-exports"
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        gone_pid = subprocess.Popen(["true"])
+        gone_pid.wait()  # its pid is free now
+        stale, alive, legacy = (root / f"process-{gone_pid.pid}", root / f"process-{child.pid}",
+                                root / "run-abc123")
+        for folder in (stale, alive, legacy):
+            (folder / "run-x").mkdir(parents=True)
+        ExportFolders(tmp_path).start().close()
+        assert not stale.exists() and not legacy.exists()
+        assert alive.exists()  # another running server's files stay
+    finally:
+        child.kill()
 
 
 def test_ui_exports_are_written_where_gradio_serves_them_without_copying(events, upload):
@@ -334,6 +355,7 @@ def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(events, t
     monkeypatch.setattr(events, "spaces", object())
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     monkeypatch.setattr(events, "segment_on_device", in_forked_worker)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where uploads are read from
     path = tmp_path / "fresh.png"  # pixels no earlier test cached
     Image.fromarray(np.random.default_rng(7).integers(0, 256, (90, 120, 3), np.uint8)).save(path)
     upload = {"path": str(path), "orig_name": "fresh.png"}
@@ -350,3 +372,12 @@ def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(events, t
     assert gpu_calls == [0.5], "a cached slider move went to the GPU"
     events.ui_rethreshold(upload, PROMPT, 0.0, 0.25, session, no_progress)  # masks not decoded
     assert gpu_calls == [0.5, 0.0]
+
+
+@pytest.mark.parametrize("value", [True, False, "0.5", None, float("nan"), float("inf"), -0.01,
+                                   1.01, [0.5]])
+def test_thresholds_that_are_not_real_numbers_in_the_unit_interval_are_refused(events, value):
+    with pytest.raises(gr.Error, match="between 0 and 1"):
+        events.check_threshold("box_threshold", value)
+    assert events.check_threshold("box_threshold", 0) == 0.0
+    assert events.check_threshold("box_threshold", 0.35) == 0.35

@@ -188,3 +188,17 @@ def test_example_click_shows_a_result_that_sliders_then_refilter(page):
     set_slider(page, "box_threshold", 1.0)  # no score is above 1
     expect(page.locator("#message")).to_contain_text("No objects found")
     assert table_rows(page) == 0
+
+
+def test_markup_in_the_prompt_is_shown_as_text(page):
+    page.locator("#input_image input[type=file]").set_input_files(
+        str(ROOT / "assets" / "fruit.jpg"))
+    prompt = '<img src=x onerror="document.title=1"> . <b>bold</b> .'
+    page.locator("#prompt textarea").fill(prompt)
+    set_slider(page, "box_threshold", 1.0)  # nothing found: the message echoes the prompt
+    page.locator("#run").click()
+    expect(page.locator("#message")).to_contain_text("No objects found", timeout=60_000)
+    expect(page.locator("#message")).to_contain_text("<img src=x")
+    assert page.locator("#message img").count() == 0
+    assert page.locator("#message b").count() == 0
+    assert page.title() != "1"

@@ -155,3 +155,81 @@ def test_merge_coco_renumbers_ids_and_matches_categories_by_name():
 def test_output_names_stay_unique_across_extensions():
     stems = output_stems([Path("a.jpg"), Path("a.png"), Path("b.jpg")])
     assert stems == {Path("a.jpg"): "a_jpg", Path("a.png"): "a_png", Path("b.jpg"): "b"}
+
+
+def test_any_failure_on_one_file_is_reported_and_the_batch_goes_on(folder, tmp_path, capsys,
+                                                                   monkeypatch):
+    from segmentation.pipeline import GroundedSAM
+
+    Image.new("RGB", (20000, 1)).save(folder / "b_thin.png")  # too thin: a clear message
+    Image.new("RGB", (64, 64)).save(folder / "c_explodes.png")
+    real_run = GroundedSAM.run
+
+    def run(self, image, *args, **kwargs):
+        if image.shape[:2] == (64, 64):
+            raise RuntimeError("something nobody expected")
+        return real_run(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(GroundedSAM, "run", run)
+    out = tmp_path / "out"
+    assert main([str(folder), "--prompt", PROMPT, "--out", str(out), "--offline",
+                 "--box-threshold", "0.3"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped b_thin.png: ValueError: the image is too thin (20000 x 1 pixels)" in err
+    assert "skipped c_explodes.png: RuntimeError: something nobody expected" in err
+    coco = json.loads((out / "annotations.json").read_text())
+    assert [i["file_name"] for i in coco["images"]] == ["shapes.png", "street.jpg"]
+
+
+def test_an_interrupted_batch_writes_what_it_did(folder, tmp_path, capsys, monkeypatch):
+    from segmentation.pipeline import GroundedSAM
+
+    real_run = GroundedSAM.run
+    calls = []
+
+    def run(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C (SIGTERM is turned into the same) on the 2nd image
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(GroundedSAM, "run", run)
+    out = tmp_path / "out"
+    assert main([str(folder), "--prompt", PROMPT, "--out", str(out), "--offline"]) == 130
+    assert "interrupted: writing the 1 images done" in capsys.readouterr().err
+    coco = json.loads((out / "annotations.json").read_text())
+    assert [i["file_name"] for i in coco["images"]] == ["shapes.png"]
+    assert not list(out.glob(".*.part"))
+
+
+def test_sigterm_stops_the_batch_and_keeps_its_work(tmp_path):
+    import os
+    import signal
+    import time
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(200):
+        Image.new("RGB", (64 + index % 3, 64), (index, 0, 0)).save(images / f"{index:03d}.png")
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "segmentation.cli", str(images), "--prompt", PROMPT, "--out",
+         str(out), "--offline"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*_annotated.png")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    coco = json.loads((out / "annotations.json").read_text())
+    done = {i["file_name"] for i in coco["images"]}
+    assert 0 < len(done) < 200
+    assert {p.name.replace("_annotated", "") for p in out.glob("*_annotated.png")} >= done
+    assert os.path.exists(out / "annotations.json")
+
+
+def test_a_prompt_the_vocabulary_does_not_know_fails_once(folder, tmp_path, capsys):
+    assert main([str(folder), "--prompt", "고양이 .", "--out", str(tmp_path / "out"),
+                 "--offline"]) == 1
+    assert "none of the prompt's words is known" in capsys.readouterr().err

@@ -381,3 +381,38 @@ def test_thresholds_that_are_not_real_numbers_in_the_unit_interval_are_refused(e
         events.check_threshold("box_threshold", value)
     assert events.check_threshold("box_threshold", 0) == 0.0
     assert events.check_threshold("box_threshold", 0.35) == 0.35
+
+
+def test_a_sessions_rle_cache_stays_bounded():
+    from segmentation import report
+    from segmentation.pipeline import SegmentedDetections
+
+    cache: dict = {}
+    for start in range(0, 3 * report.RLE_CACHE_ENTRIES, 50):
+        count = 50
+        masks = np.zeros((count, 8, 10), bool)
+        masks[:, 2:5, 3:7] = True
+        boxes = np.arange(start, start + count, dtype=np.float32)[:, None].repeat(4, 1)
+        result = SegmentedDetections(boxes, np.ones(count, np.float32), ["cat"] * count,
+                                     np.zeros(count, np.int64), ["cat"], masks,
+                                     np.ones(count, np.float32))
+        report.cached_rles(result, cache)
+        assert len(cache) <= report.RLE_CACHE_ENTRIES
+        assert all(box.tobytes() in cache for box in boxes), "the shown masks stay cached"
+
+
+def test_model_store_configure_waits_for_a_load_in_progress():
+    import threading
+
+    from segmentation.app_events import ModelStore
+    from segmentation.cli import ModelChoice
+
+    store = ModelStore()
+    configured = threading.Event()
+    with store._lock:  # what `get` holds while it loads the weights
+        thread = threading.Thread(target=lambda: (
+            store.configure(ModelChoice("swint_ogc", "vit_b", "cpu", offline=True)),
+            configured.set()))
+        thread.start()
+        assert not configured.wait(0.2), "configure swapped the models under a running load"
+    assert configured.wait(5) and store.choice.offline

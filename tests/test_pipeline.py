@@ -232,6 +232,29 @@ def test_byte_lru_evicts_least_recently_used_by_bytes():
     assert "huge" not in cache and cache.get("a") == 10
 
 
+def test_byte_lru_takes_its_own_lock():
+    """The background thread `put`s while a request reads, or records for ZeroGPU: every
+    operation waits for the cache's own lock (no caller has to remember one)."""
+    cache = ByteLRU(1000)
+    done = []
+    operations = {"put": lambda: cache.put("k", 1, 10), "get": lambda: cache.get("k"),
+                  "pop": lambda: cache.pop("k"), "contains": lambda: "k" in cache,
+                  "recording": lambda: cache.recording().__enter__()}
+    for name, operation in operations.items():
+        with cache._lock:
+            thread = threading.Thread(target=lambda op=operation, n=name: (op(), done.append(n)))
+            thread.start()
+            thread.join(0.2)
+            assert name not in done, f"{name} ran while another thread held the cache"
+        thread.join(5)
+        assert name in done
+    with cache.recording() as journal:  # a put by another thread is recorded too
+        worker = threading.Thread(target=lambda: cache.put("other", 2, 20))
+        worker.start()
+        worker.join()
+    assert journal == [("other", 2, 20)]
+
+
 def test_pipeline_caches_stay_within_budget_lru(detector, image, monkeypatch):
     other = image[::-1].copy()
     small = GroundedSAM(detector, BoxSegmenter(tiny_sam()), prefetch_boxes=0)

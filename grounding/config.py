@@ -160,3 +160,36 @@ BERT_ARCHITECTURE_KEYS = {
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id",
 }
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Matching costs and loss weights of the training objective (paper §3.5).
+
+    The matcher costs 2 / 5 / 2 (class / L1 / GIoU) are MM-Grounding-DINO's and those of some
+    Open-GroundingDino configs (others use class cost 1; transformers defaults to 1 / 5 / 2). The
+    loss weights 2 / 5 / 2 and the focal alpha 0.25, gamma 2 are Open-GroundingDino's.
+
+    Attributes:
+        cost_class: weight of the focal-style token cost in the Hungarian matching.
+        cost_l1: weight of the L1 distance between (cx, cy, w, h) boxes in the matching.
+        cost_giou: weight of -GIoU in the matching.
+        weight_class: weight of the sigmoid focal loss over query x token pairs.
+        weight_l1: weight of the L1 box loss on matched pairs.
+        weight_giou: weight of the 1 - GIoU box loss on matched pairs.
+        focal_alpha: focal weight of the positive class (cost and loss).
+        focal_gamma: focal exponent (cost and loss).
+        aux_loss: also supervise every earlier decoder layer (suffixes `_0`, `_1`, ...).
+        encoder_loss: also supervise the encoder's selected proposals (suffix `_enc`).
+    """
+
+    cost_class: float = 2.0
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+    weight_class: float = 2.0
+    weight_l1: float = 5.0
+    weight_giou: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    aux_loss: bool = True
+    encoder_loss: bool = True

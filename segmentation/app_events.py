@@ -297,6 +297,15 @@ def present(image: np.ndarray, result, prompt: str, box_threshold: float, name: 
             report.summary(result, prompt, box_threshold, seconds))
 
 
+def write_zip_exports(image: np.ndarray, result, name: str) -> list[str]:
+    """[COCO JSON, ZIP] in a fresh export folder; a ZIP over its size bound is a user error."""
+    try:
+        return report.write_exports(image, result, name, with_zip=True,
+                                    folder=export_folders(gr.utils.get_upload_folder()).new_run())
+    except ValueError as error:
+        raise bad_input(text_for_message(error), title="Export too large") from None
+
+
 # ----------------------------------------------------------------------------- event handlers
 
 
@@ -347,9 +356,7 @@ def ui_zip(image_value, prompt, box_threshold, text_threshold, session, progress
                         title="Nothing to export")
     result = run_pipeline(session["image"], prompt, box_threshold, text_threshold, progress)
     progress(0.6, desc=f"Writing {len(result)} masks and cut-outs")
-    return report.write_exports(session["image"], result, upload_name(image_value),
-                                with_zip=True,
-                                folder=export_folders(gr.utils.get_upload_folder()).new_run())
+    return write_zip_exports(session["image"], result, upload_name(image_value))
 
 
 @pausing_background
@@ -379,9 +386,7 @@ def api_annotate(image, prompt, box_threshold, text_threshold) -> tuple:
 
     pixels = decode_image(upload_path(image))
     result = run_pipeline(pixels, prompt, box_threshold, text_threshold)
-    json_path, zip_path = report.write_exports(
-        pixels, result, upload_name(image), with_zip=True,
-        folder=export_folders(gr.utils.get_upload_folder()).new_run())
+    json_path, zip_path = write_zip_exports(pixels, result, upload_name(image))
     return annotate(pixels, result), json_path, zip_path
 
 

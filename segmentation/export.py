@@ -114,20 +114,23 @@ def to_json_dict(result: SegmentedDetections) -> dict[str, Any]:
 
 def write_zip(target: str | os.PathLike | BinaryIO, image: Image.Image | np.ndarray,
               result: SegmentedDetections, *, file_name: str = "image.png",
-              coco: dict[str, Any] | None = None) -> None:
+              coco: dict[str, Any] | None = None, max_bytes: int | None = None) -> None:
     """Write a ZIP archive of the result to a file, one member at a time (streamed: memory holds
     one mask's PNG at a time, never the archive).
 
     Holds annotations.json (COCO, see `to_coco`) and, per detection i, masks/{i:03d}_{phrase}.png
-    (8-bit gray at the image's size, 255 = object) and, when its mask is not empty,
-    cutouts/{i:03d}_{phrase}.png (RGBA cropped to the mask's extent: the image's pixels with alpha
-    255 on the mask, transparent black elsewhere).
+    (8-bit gray at the image's size, 255 = object) and, when its mask is not empty inside its box,
+    cutouts/{i:03d}_{phrase}.png (RGBA cropped to the mask's extent within the detection's box: the
+    image's pixels with alpha 255 on the mask, transparent black elsewhere). The box bounds each
+    cut-out's size even when a mask spills over the whole image.
 
     Args:
         target: a path, or a binary file open for writing.
         image: the image the result belongs to (same size as the masks).
         file_name: the image's name recorded in annotations.json.
         coco: `to_coco` of the result when the caller has it already (not computed twice).
+        max_bytes: stop with a ValueError once the archive grows past this (a server's bound
+            on one answer's disk use); the partial archive is then left to the caller.
     """
     pixels = rgb_array(image)
     height, width = pixels.shape[:2]
@@ -139,13 +142,29 @@ def write_zip(target: str | os.PathLike | BinaryIO, image: Image.Image | np.ndar
             name = f"{index:03d}_{_slug(phrase)}.png"
             mask = np.asarray(mask, dtype=bool)
             archive.writestr(f"masks/{name}", _png(Image.fromarray(mask.view(np.uint8) * 255)))
-            rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-            if len(rows) == 0:
+            window = _cutout_window(mask, result.boxes[index])
+            if window is None:
                 continue
-            window = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
             inside = mask[window]
             cutout = np.dstack([pixels[window] * inside[..., None], inside.view(np.uint8) * 255])
             archive.writestr(f"cutouts/{name}", _png(Image.fromarray(cutout)))
+            if max_bytes is not None and archive.fp.tell() > max_bytes:
+                raise ValueError(f"the ZIP of masks and cut-outs would pass {max_bytes / 1e6:.0f} "
+                                 f"MB after {index + 1} of {len(result)} detections: raise the "
+                                 "box threshold to export fewer")
+
+
+def _cutout_window(mask: np.ndarray, box: np.ndarray) -> tuple[slice, slice] | None:
+    """Rows and columns of the mask's True pixels inside `box` (x0, y0, x1, y1, rounded out), or
+    None when there are none."""
+    height, width = mask.shape
+    x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+    x1, y1 = min(width, int(np.ceil(box[2]))), min(height, int(np.ceil(box[3])))
+    inside = mask[y0:y1, x0:x1]
+    rows, columns = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if len(rows) == 0:
+        return None
+    return (slice(y0 + rows[0], y0 + rows[-1] + 1), slice(x0 + columns[0], x0 + columns[-1] + 1))
 
 
 def to_zip(image: Image.Image | np.ndarray, result: SegmentedDetections, *,

@@ -158,9 +158,13 @@ def test_zip_holds_coco_masks_and_exact_cutouts(result, image):
         if not mask.any():
             continue
         cutout = read_png(archive, f"cutouts/{stem}.png")
-        rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        x0, y0, x1, y1 = result.boxes[index]
+        in_box = np.zeros_like(mask)
+        in_box[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
+        rows = np.flatnonzero((mask & in_box).any(1))
+        columns = np.flatnonzero((mask & in_box).any(0))
         window = np.s_[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
-        assert cutout.shape == (*mask[window].shape, 4)  # cropped to the mask
+        assert cutout.shape == (*mask[window].shape, 4)  # cropped to the mask within the box
         np.testing.assert_array_equal(cutout[..., 3] == 255, mask[window])
         np.testing.assert_array_equal(cutout[..., 3][~mask[window]], 0)
         np.testing.assert_array_equal(cutout[..., :3][mask[window]], image[window][mask[window]])
@@ -209,3 +213,19 @@ def test_zip_is_streamed_to_disk_one_member_at_a_time(tmp_path):
     with zipfile.ZipFile(path) as archive:
         assert len(archive.namelist()) == 1 + 2 * count
         assert archive.testzip() is None
+
+
+def test_zip_stops_with_a_message_past_its_size_bound(tmp_path, image):
+    from segmentation.export import write_zip
+
+    count = 20
+    masks = np.ones((count, HEIGHT, WIDTH), bool)
+    many = SegmentedDetections(
+        boxes=np.tile(np.array([[0, 0, WIDTH, HEIGHT]], np.float32), (count, 1)),
+        scores=np.linspace(0.9, 0.5, count, dtype=np.float32), phrases=["x"] * count,
+        phrase_ids=np.zeros(count, np.int64), prompt_phrases=["x"], masks=masks,
+        mask_scores=np.full(count, 0.5, np.float32))
+    write_zip(tmp_path / "whole.zip", image, many)
+    whole = (tmp_path / "whole.zip").stat().st_size
+    with pytest.raises(ValueError, match="raise the box threshold"):
+        write_zip(tmp_path / "bounded.zip", image, many, max_bytes=whole // 2)

@@ -5,7 +5,7 @@
     dets = detector.predict(image, "a cat . a remote control .")
 """
 
-from grounding.build import load_detector
+from grounding.build import load_detector, save_detector
 from grounding.config import GroundingDINOConfig, SwinConfig, swinb_cogcoor, swint_ogc
 from grounding.model import GroundingDINO, GroundingOutput, build_model
 from grounding.postprocess import Detections
@@ -13,5 +13,6 @@ from grounding.predictor import Detector, RawPrediction
 
 __all__ = [
     "Detections", "Detector", "GroundingDINO", "GroundingDINOConfig", "GroundingOutput",
-    "RawPrediction", "SwinConfig", "build_model", "load_detector", "swinb_cogcoor", "swint_ogc",
+    "RawPrediction", "SwinConfig", "build_model", "load_detector", "save_detector", "swinb_cogcoor",
+    "swint_ogc",
 ]

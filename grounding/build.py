@@ -13,6 +13,7 @@ from grounding import hub
 from grounding.checkpoint import load_official, load_transformers, read_transformers_config
 from grounding.config import BERT_ARCHITECTURE_KEYS, PRESETS, GroundingDINOConfig
 from grounding.model import build_model
+from grounding.native_format import is_native, load_native, read_native_config
 from grounding.predictor import Detector
 
 
@@ -24,7 +25,8 @@ def load_detector(checkpoint: str | os.PathLike | None = None, *,
 
     Args:
         checkpoint: an official `.pth`; a transformers-format directory (`config.json` +
-            `model.safetensors`, which then defines the architecture) or its Hub id such as
+            `model.safetensors`, which then defines the architecture), a directory of our own
+            format (`grounding_config.json`, see `native_format`), or a Hub id such as
             "IDEA-Research/grounding-dino-tiny"; or None for
             `$GROUNDING_DINO_CHECKPOINT`, else the official file for `config` from the Hub.
         config: "swint_ogc", "swinb_cogcoor" or a `GroundingDINOConfig` (for `.pth` files).
@@ -42,7 +44,12 @@ def load_detector(checkpoint: str | os.PathLike | None = None, *,
 
     if checkpoint is not None and _is_hub_id(checkpoint):
         checkpoint = hub.transformers_checkpoint_dir(str(checkpoint))
-    if checkpoint is not None and Path(checkpoint).is_dir():
+    if checkpoint is not None and Path(checkpoint).is_dir() and is_native(checkpoint):
+        directory = Path(checkpoint)
+        tokenizer_dir = hub.text_encoder_dir(text_encoder or directory)
+        model = build_model(read_native_config(directory))
+        load_native(model, directory)
+    elif checkpoint is not None and Path(checkpoint).is_dir():
         directory = Path(checkpoint)
         model_config = read_transformers_config(directory)
         tokenizer_dir = hub.text_encoder_dir(text_encoder or directory)
@@ -66,6 +73,25 @@ def load_detector(checkpoint: str | os.PathLike | None = None, *,
         load_official(model, checkpoint)
     tokenizer = BertTokenizer.from_pretrained(str(tokenizer_dir), do_lower_case=True)
     return Detector(model, tokenizer, device=device)
+
+
+def save_detector(detector: Detector, directory: str | os.PathLike, *,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """Write `detector` (model and tokenizer) as a directory that `load_detector` reads.
+
+    transformers' format (`transformers_format.save_pretrained`: transformers and the Hub read it
+    too) whenever it can hold the model; our own (`native_format`) for a model with
+    `config.contrastive_bias`, which it cannot.
+
+    Args:
+        dtype: of the stored floating-point weights (torch.float16 to ship small files).
+    """
+    from grounding import native_format, transformers_format
+
+    if detector.model.config.contrastive_bias:
+        return native_format.save_native(detector.model, directory, detector.tokenizer,
+                                         dtype=dtype)
+    return transformers_format.save_pretrained(detector, directory, dtype=dtype)
 
 
 def _is_hub_id(checkpoint: str | os.PathLike) -> bool:

@@ -62,6 +62,10 @@ class GroundingDINOConfig:
     layer_norm_eps: float = 1e-5
     # The official `fusion_droppath` (training only).
     fusion_drop_path: float = 0.1
+    # Classification logits divided by sqrt(hidden_dim) plus a learnable bias starting at the focal
+    # prior (MM-Grounding-DINO's ContrastiveEmbed): for models trained from scratch. The official
+    # checkpoints have no such parameters, and transformers' format cannot hold them.
+    contrastive_bias: bool = False
 
     @property
     def text_hidden_size(self) -> int:

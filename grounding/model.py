@@ -21,7 +21,7 @@ from grounding.box_ops import inverse_sigmoid
 from grounding.config import GroundingDINOConfig
 from grounding.decoder import CrossModalityDecoder
 from grounding.feature_enhancer import FeatureEnhancer
-from grounding.heads import MLP, contrastive_logits
+from grounding.heads import MLP, ContrastiveHead
 from grounding.image_backbone import ImageBackbone
 from grounding.position_encoding import sine_position_embedding
 from grounding.query_selection import QuerySelection
@@ -101,6 +101,10 @@ class GroundingDINO(nn.Module):
         self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, hidden))
         # One box MLP shared by every decoder layer (the reference stores it under 12 names).
         self.bbox_embed = MLP(hidden, hidden, 4, 3)
+        # Shared by every decoder layer, like the box head (parameter-free unless
+        # `config.contrastive_bias`).
+        self.class_head = ContrastiveHead(hidden, config.max_text_len,
+                                          scaled_with_bias=config.contrastive_bias)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -214,8 +218,7 @@ class GroundingDINO(nn.Module):
         layers = range(len(hidden)) if return_aux else [len(hidden) - 1]
         boxes = [(self.bbox_embed(hidden[i]) + inverse_sigmoid(references[i])).sigmoid()
                  for i in layers]
-        logits = [contrastive_logits(hidden[i], text, token_mask, config.max_text_len)
-                  for i in layers]
+        logits = [self.class_head(hidden[i], text, token_mask) for i in layers]
         if not return_aux:
             return GroundingOutput(logits=logits[-1], boxes=boxes[-1],
                                    query_indices=selection.topk_indices)

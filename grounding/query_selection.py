@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from grounding.config import GroundingDINOConfig
-from grounding.heads import MLP, contrastive_logits
+from grounding.heads import MLP, ContrastiveHead
 from grounding.key_mapping import Rule
 
 # Keys relative to transformers' `model.` and to our `query_selection.` prefix. The patterns only
@@ -127,6 +127,8 @@ class QuerySelection(nn.Module):
         self.enc_output_norm = nn.LayerNorm(hidden_dim, eps=config.layer_norm_eps)
         self.enc_out_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.tgt_embed = nn.Embedding(config.num_queries, hidden_dim)
+        self.class_head = ContrastiveHead(hidden_dim, config.max_text_len,
+                                          scaled_with_bias=config.contrastive_bias)
 
     def forward(self, vision: torch.Tensor, vision_padding_mask: torch.Tensor | None,
                 spatial_shapes: list[tuple[int, int]], text: torch.Tensor,
@@ -146,7 +148,7 @@ class QuerySelection(nn.Module):
         """
         memory, proposals = encoder_output_proposals(vision, vision_padding_mask, spatial_shapes)
         memory = self.enc_output_norm(self.enc_output(memory))
-        logits = contrastive_logits(memory, text, text_token_mask, self.max_text_len)  # (B, S, T)
+        logits = self.class_head(memory, text, text_token_mask)  # (B, S, T)
         scores = logits.max(dim=-1).values  # (B, S)
         if vision_padding_mask is not None:
             scores = scores.masked_fill(vision_padding_mask, float("-inf"))

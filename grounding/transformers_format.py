@@ -225,6 +225,10 @@ def save_pretrained(detector_or_model: Detector | nn.Module, directory: str | Pa
         tokenizer = detector_or_model.tokenizer if tokenizer is None else tokenizer
     else:
         model = detector_or_model
+    if model.config.contrastive_bias:
+        raise ValueError("transformers' format has no place for the scaled, biased "
+                         "classification head (config.contrastive_bias): save with "
+                         "grounding.save_detector, which writes our own format for it")
     directory = Path(directory)
     skeleton = transformers_skeleton(model.config).to(dtype)
     state_dict = transformers_state_dict(model, dtype, skeleton)

@@ -12,7 +12,7 @@ import torch
 from grounding import hub
 from grounding.checkpoint import load_official, load_transformers, read_transformers_config
 from grounding.config import BERT_ARCHITECTURE_KEYS, PRESETS, GroundingDINOConfig
-from grounding.model import build_model
+from grounding.model import GroundingDINO, build_model
 from grounding.native_format import is_native, load_native, read_native_config
 from grounding.predictor import Detector
 
@@ -75,23 +75,26 @@ def load_detector(checkpoint: str | os.PathLike | None = None, *,
     return Detector(model, tokenizer, device=device)
 
 
-def save_detector(detector: Detector, directory: str | os.PathLike, *,
-                  dtype: torch.dtype = torch.float32) -> Path:
-    """Write `detector` (model and tokenizer) as a directory that `load_detector` reads.
+def save_detector(detector: Detector | GroundingDINO, directory: str | os.PathLike,
+                  tokenizer=None, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a detector (or a bare model and `tokenizer`) as a directory `load_detector` reads.
 
     transformers' format (`transformers_format.save_pretrained`: transformers and the Hub read it
     too) whenever it can hold the model; our own (`native_format`) for a model with
     `config.contrastive_bias`, which it cannot.
 
     Args:
+        tokenizer: overrides the detector's; without any, no tokenizer files are written.
         dtype: of the stored floating-point weights (torch.float16 to ship small files).
     """
     from grounding import native_format, transformers_format
 
-    if detector.model.config.contrastive_bias:
-        return native_format.save_native(detector.model, directory, detector.tokenizer,
-                                         dtype=dtype)
-    return transformers_format.save_pretrained(detector, directory, dtype=dtype)
+    model = detector.model if isinstance(detector, Detector) else detector
+    if tokenizer is None and isinstance(detector, Detector):
+        tokenizer = detector.tokenizer
+    if model.config.contrastive_bias:
+        return native_format.save_native(model, directory, tokenizer, dtype=dtype)
+    return transformers_format.save_pretrained(model, directory, tokenizer, dtype=dtype)
 
 
 def _is_hub_id(checkpoint: str | os.PathLike) -> bool:

@@ -43,7 +43,11 @@ def assert_matches(ours, index, hf, n_tokens, ours_shapes, hf_shapes):
     Queries are paired by the image cell they were selected from (`*_shapes`: the level sizes
     each side's flat token indices refer to). Both implementations must select the same cells;
     their order may differ only between scores tied within 1e-4 (float rounding in two
-    implementations can swap those).
+    implementations can swap those; it did on an AVX-512 CPU and not on an AVX2 one). A swapped
+    query is not compared: the decoder's content query is learned per slot (`tgt_embed[i]`), so
+    a cell that lands in another slot legitimately gets another box and logits. Through the
+    decoder's self-attention the swap also moves every other query's logits a little, so after
+    a swap logits are compared within 1e-3 instead of 1e-4 (relative to the row's largest).
     """
     hf_logits, hf_boxes, hf_tokens, hf_scores = hf
     ours_cells = cells(ours.query_indices[index], ours_shapes)
@@ -55,10 +59,16 @@ def assert_matches(ours, index, hf, n_tokens, ours_shapes, hf_shapes):
     if swapped.any():
         gaps = (hf_scores[hf_tokens[order[swapped]]] - hf_scores[hf_tokens[swapped]]).abs()
         assert gaps.max() < 1e-4, "queries reordered beyond a near-tie"
-    torch.testing.assert_close(ours.boxes[index], hf_boxes[order], atol=1e-4, rtol=0)
-    mine, theirs = ours.logits[index, :, :n_tokens], hf_logits[order, :n_tokens]
+        assert swapped.float().mean() < 0.01, f"{int(swapped.sum())} near-ties swapped"
+    kept = ~swapped
+    torch.testing.assert_close(ours.boxes[index][kept], hf_boxes[order][kept], atol=1e-4,
+                               rtol=0)
+    mine = ours.logits[index, :, :n_tokens][kept]
+    theirs = hf_logits[order, :n_tokens][kept]
     scale = 1 + theirs.abs().amax(dim=-1, keepdim=True)
-    assert ((mine - theirs).abs() <= 1e-4 * scale).all(), (mine - theirs).abs().div(scale).max()
+    tolerance = 1e-3 if swapped.any() else 1e-4
+    assert ((mine - theirs).abs() <= tolerance * scale).all(), \
+        (mine - theirs).abs().div(scale).max()
     assert torch.isinf(ours.logits[index, :, n_tokens:]).all()
 
 

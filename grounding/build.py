@@ -14,7 +14,7 @@ from grounding.checkpoint import load_official, load_transformers, read_transfor
 from grounding.config import BERT_ARCHITECTURE_KEYS, PRESETS, GroundingDINOConfig
 from grounding.model import GroundingDINO, build_model
 from grounding.native_format import is_native, load_native, read_native_config
-from grounding.predictor import Detector
+from grounding.predictor import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE, Detector
 
 
 def load_detector(checkpoint: str | os.PathLike | None = None, *,
@@ -72,11 +72,30 @@ def load_detector(checkpoint: str | os.PathLike | None = None, *,
         model = build_model(model_config)
         load_official(model, checkpoint)
     tokenizer = BertTokenizer.from_pretrained(str(tokenizer_dir), do_lower_case=True)
-    return Detector(model, tokenizer, device=device)
+    image_size, max_size = _resize(Path(checkpoint)) if checkpoint is not None \
+        and Path(checkpoint).is_dir() else (DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE)
+    return Detector(model, tokenizer, device=device, image_size=image_size, max_size=max_size)
+
+
+def _resize(directory: Path) -> tuple[int, int]:
+    """(short side, longest side) a checkpoint directory's processor config asks for: transformers
+    5's `processor_config.json` (also ours), 4.x's `preprocessor_config.json`, else 800 / 1333."""
+    for name, section in (("processor_config.json", "image_processor"),
+                          ("preprocessor_config.json", None)):
+        path = directory / name
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+        size = (values.get(section) or {} if section else values).get("size") or {}
+        if "shortest_edge" in size:
+            return int(size["shortest_edge"]), int(size.get("longest_edge", DEFAULT_MAX_SIZE))
+    return DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE
 
 
 def save_detector(detector: Detector | GroundingDINO, directory: str | os.PathLike,
-                  tokenizer=None, *, dtype: torch.dtype = torch.float32) -> Path:
+                  tokenizer=None, *, dtype: torch.dtype = torch.float32,
+                  image_size: int | None = None, max_size: int | None = None) -> Path:
     """Write a detector (or a bare model and `tokenizer`) as a directory `load_detector` reads.
 
     transformers' format (`transformers_format.save_pretrained`: transformers and the Hub read it
@@ -86,15 +105,20 @@ def save_detector(detector: Detector | GroundingDINO, directory: str | os.PathLi
     Args:
         tokenizer: overrides the detector's; without any, no tokenizer files are written.
         dtype: of the stored floating-point weights (torch.float16 to ship small files).
+        image_size, max_size: the resize the model expects, which `load_detector` restores;
+            default the detector's, else the reference's 800 / 1333.
     """
     from grounding import native_format, transformers_format
 
     model = detector.model if isinstance(detector, Detector) else detector
-    if tokenizer is None and isinstance(detector, Detector):
-        tokenizer = detector.tokenizer
+    if isinstance(detector, Detector):
+        tokenizer = detector.tokenizer if tokenizer is None else tokenizer
+        image_size = image_size or detector.image_size
+        max_size = max_size or detector.max_size
+    size = dict(image_size=image_size or DEFAULT_IMAGE_SIZE, max_size=max_size or DEFAULT_MAX_SIZE)
     if model.config.contrastive_bias:
-        return native_format.save_native(model, directory, tokenizer, dtype=dtype)
-    return transformers_format.save_pretrained(model, directory, tokenizer, dtype=dtype)
+        return native_format.save_native(model, directory, tokenizer, dtype=dtype, **size)
+    return transformers_format.save_pretrained(model, directory, tokenizer, dtype=dtype, **size)
 
 
 def _is_hub_id(checkpoint: str | os.PathLike) -> bool:

@@ -6,7 +6,9 @@ implementation supports beyond transformers' fits here too). The directory holds
 
 - `grounding_config.json`: the `GroundingDINOConfig` (dataclass fields, as JSON);
 - `model.safetensors`: our state dict, under our own key names (fp32, or fp16 to ship small);
-- the tokenizer's files (`tokenizer.save_pretrained`), when a tokenizer is given.
+- the tokenizer's files (`tokenizer.save_pretrained`), when a tokenizer is given;
+- `processor_config.json`: the resize the model expects, under the keys transformers' processor
+  uses (`image_processor.size.shortest_edge` / `longest_edge`), so one reader serves both formats.
 
 `grounding.load_detector(directory)` recognises it by `grounding_config.json` and loads it strictly.
 `grounding.save_detector` picks this format only when transformers' cannot express the model.
@@ -27,6 +29,7 @@ from grounding.config import GroundingDINOConfig, SwinConfig
 
 CONFIG_FILE = "grounding_config.json"
 WEIGHTS_FILE = "model.safetensors"
+PROCESSOR_FILE = "processor_config.json"
 FORMAT_VERSION = 1
 
 
@@ -68,12 +71,14 @@ def read_native_config(directory: str | Path) -> GroundingDINOConfig:
 
 
 def save_native(model: nn.Module, directory: str | Path, tokenizer=None, *,
-                dtype: torch.dtype = torch.float32) -> Path:
+                dtype: torch.dtype = torch.float32, image_size: int = 800,
+                max_size: int = 1333) -> Path:
     """Write `model` (a `GroundingDINO`) and, if given, its tokenizer to `directory`.
 
     Args:
         dtype: floating-point tensors are stored in this type (torch.float16 halves the file;
             they are loaded back into float32 models).
+        image_size, max_size: the resize the model expects (short side, longest side).
     """
     from safetensors.torch import save_file
 
@@ -83,6 +88,9 @@ def save_native(model: nn.Module, directory: str | Path, tokenizer=None, *,
              for key, value in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config_to_dict(model.config), indent=2) + "\n")
+    processor = {"image_processor": {"size": {"shortest_edge": image_size,
+                                              "longest_edge": max_size}}}
+    (directory / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory

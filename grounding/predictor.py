@@ -46,11 +46,23 @@ def normalize_caption(caption: str) -> str:
     return caption if caption.endswith(".") else caption + "."
 
 
+# The reference's resize: short side 800, long side at most 1333.
+DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE = 800, 1333
+
+
 class Detector:
-    """Grounding DINO with its tokenizer on one device."""
+    """Grounding DINO with its tokenizer on one device.
+
+    Args:
+        image_size, max_size: the resize `infer` applies (short side, longest side): the
+            reference's 800 / 1333 for the official models; a checkpoint's own (its processor
+            config) for models trained at other sizes, such as the small shapes model.
+    """
 
     def __init__(self, model: GroundingDINO, tokenizer, device: str | torch.device | None = None,
+                 *, image_size: int = DEFAULT_IMAGE_SIZE, max_size: int = DEFAULT_MAX_SIZE,
                  ) -> None:
+        self.image_size, self.max_size = image_size, max_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
@@ -95,7 +107,7 @@ class Detector:
         """Run the model on one image and prompt; keep the raw outputs for `select`."""
         caption = normalize_caption(caption)
         pil = to_pil_rgb(image)
-        pixels = preprocess(pil)[None].to(self.device)
+        pixels = preprocess(pil, self.image_size, self.max_size)[None].to(self.device)
         token_ids = self.caption_tokens(caption)
         features = self.model.encode_image(pixels)
         chunks = []

@@ -188,7 +188,8 @@ class MetricsLog:
 
 
 def save_checkpoint(directory: Path, model: nn.Module, tokenizer, *,
-                    training_state: dict | None = None, metrics: dict | None = None) -> None:
+                    training_state: dict | None = None, metrics: dict | None = None,
+                    image_size: int | None = None, max_size: int | None = None) -> None:
     """A checkpoint directory (`grounding.save_detector`: transformers' format, or ours for a
     model with `config.contrastive_bias`) + `training_state.pt` and `metrics.json`, written beside
     and then renamed over `directory`, so an interrupted save leaves the old one intact."""
@@ -196,7 +197,8 @@ def save_checkpoint(directory: Path, model: nn.Module, tokenizer, *,
     old_dir = directory.with_name(directory.name + ".old")
     for leftover in (partial_dir, old_dir):
         shutil.rmtree(leftover, ignore_errors=True)
-    save_detector(model, partial_dir, tokenizer)
+    # The evaluation resize goes with the weights: `load_detector` restores it.
+    save_detector(model, partial_dir, tokenizer, image_size=image_size, max_size=max_size)
     if training_state is not None:
         torch.save(training_state, partial_dir / STATE_FILE)
     if metrics is not None:
@@ -376,11 +378,17 @@ class Trainer:
                     progress.best_ap, progress.best_step = ap, progress.step
                     save_checkpoint(self.options.out_dir / "best", self.model, self.tokenizer,
                                     metrics={"step": progress.step, "epoch": progress.epoch,
-                                             **metrics})
+                                             **metrics}, **self._resize)
             progress.seconds, progress.saved_step = self._elapsed(), progress.step
             save_checkpoint(self.options.out_dir / "last", self.model, self.tokenizer,
-                            training_state={**self.state_dict(), "rng": random_state})
+                            training_state={**self.state_dict(), "rng": random_state},
+                            **self._resize)
         set_training_mode(self.model, self.frozen_modules)
+
+    @property
+    def _resize(self) -> dict[str, int]:
+        """The evaluation resize, saved with each checkpoint (`load_detector` restores it)."""
+        return {"image_size": self.options.eval_size, "max_size": self.options.eval_max_size}
 
     def evaluate(self) -> dict:
         """COCO box AP on the validation set (the model is back in training mode afterwards)."""

@@ -40,7 +40,7 @@ from torch import nn
 from grounding.checkpoint import transformers_rules
 from grounding.config import GroundingDINOConfig
 from grounding.key_mapping import KeyMappingError
-from grounding.predictor import Detector
+from grounding.predictor import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE, Detector
 
 _PARTS = ("q", "k", "v")
 # transformers tensors that the loader drops, and the value written for them.
@@ -208,7 +208,8 @@ def _copy(tensor: torch.Tensor, part: str, dtype: torch.dtype, device: str | tor
 
 
 def save_pretrained(detector_or_model: Detector | nn.Module, directory: str | Path,
-                    tokenizer=None, *, dtype: torch.dtype = torch.float32) -> Path:
+                    tokenizer=None, *, dtype: torch.dtype = torch.float32,
+                    image_size: int | None = None, max_size: int | None = None) -> Path:
     """Write a transformers-format checkpoint directory; returns its path.
 
     Args:
@@ -217,12 +218,16 @@ def save_pretrained(detector_or_model: Detector | nn.Module, directory: str | Pa
         tokenizer: overrides the detector's. Without any, no tokenizer or processor files are
             written, and `load_detector` then needs `text_encoder=`.
         dtype: of the stored floating-point weights (float32 by default; `config.json` says so).
+        image_size, max_size: the resize the model expects (short side, longest side), written
+            into the processor's config; default the detector's, else the reference's 800 / 1333.
     """
     from transformers import GroundingDinoImageProcessor, GroundingDinoProcessor
 
     if isinstance(detector_or_model, Detector):
         model = detector_or_model.model
         tokenizer = detector_or_model.tokenizer if tokenizer is None else tokenizer
+        image_size = image_size or detector_or_model.image_size
+        max_size = max_size or detector_or_model.max_size
     else:
         model = detector_or_model
     if model.config.contrastive_bias:
@@ -235,9 +240,11 @@ def save_pretrained(detector_or_model: Detector | nn.Module, directory: str | Pa
     # transformers' own writer: drops the tied aliases, restores its on-disk (4.x) Swin names.
     skeleton.save_pretrained(directory, state_dict=state_dict)
     if tokenizer is not None:
-        # The image processor's defaults are the reference's resize (800, max 1333) and
-        # ImageNet normalisation, as in the Hub's IDEA-Research/grounding-dino-* repositories.
-        processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(),
+        # ImageNet normalisation and, by default, the reference's resize (800, max 1333), as in
+        # the Hub's IDEA-Research/grounding-dino-* repositories.
+        size = {"shortest_edge": image_size or DEFAULT_IMAGE_SIZE,
+                "longest_edge": max_size or DEFAULT_MAX_SIZE}
+        processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size=size),
                                            tokenizer=tokenizer)
         processor.save_pretrained(directory)
     return directory

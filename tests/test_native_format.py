@@ -120,3 +120,24 @@ def test_a_missing_bias_is_a_strict_load_error(tokenizer, tmp_path):
     save_file(weights, str(directory / "model.safetensors"))
     with pytest.raises(KeyMappingError, match="class_head.bias"):
         grounding.load_detector(directory, device="cpu")
+
+
+@pytest.mark.parametrize("contrastive_bias", [True, False])
+def test_the_resize_a_model_was_trained_at_comes_back_with_it(tokenizer, tmp_path,
+                                                              contrastive_bias, monkeypatch):
+    from grounding import predictor
+
+    detector = random_detector(tokenizer, tiny_config(contrastive_bias=contrastive_bias))
+    directory = grounding.save_detector(detector, tmp_path / "d", image_size=224, max_size=320)
+    loaded = grounding.load_detector(directory, device="cpu")
+    assert (loaded.image_size, loaded.max_size) == (224, 320)
+    seen = []
+    real = predictor.preprocess
+    monkeypatch.setattr(predictor, "preprocess",
+                        lambda image, size, max_size: seen.append((size, max_size))
+                        or real(image, size, max_size))
+    loaded.infer(np.zeros((100, 400, 3), np.uint8), "red circle .")
+    assert seen == [(224, 320)]
+    default = grounding.save_detector(detector, tmp_path / "default")
+    assert (grounding.load_detector(default, device="cpu").image_size,
+            grounding.load_detector(default, device="cpu").max_size) == (800, 1333)

@@ -18,12 +18,12 @@ from grounding.evaluate import (
 )
 from grounding.predictor import RawPrediction
 from grounding.transforms import preprocess
+from tests.coco_files import CATEGORIES, IMAGES, write_coco
 from tests.helpers import (
     random_transformers_model,
     save_transformers_directory,
     tiny_transformers_config,
 )
-from tests.test_dataset import CATEGORIES, IMAGES, write_coco
 
 SPECIAL_IDS = (101, 102, 1012, 1029)
 

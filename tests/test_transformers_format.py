@@ -28,7 +28,7 @@ from tests.helpers import (
     save_transformers_directory,
     tiny_transformers_config,
 )
-from tests.test_parity_transformers import CAPTIONS, assert_matches, level_shapes, run_transformers
+from tests.parity import CAPTIONS, assert_matches, level_shapes, run_transformers
 
 # SwinModel's final norm: never applied, written by us as an identity LayerNorm.
 UNUSED_PREFIX = "model.backbone.conv_encoder.model.swin.layernorm."

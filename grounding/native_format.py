@@ -50,7 +50,7 @@ def config_from_dict(values: dict[str, Any]) -> GroundingDINOConfig:
         ValueError: an unknown format version or field (a newer writer, or a corrupt file).
     """
     values = dict(values)
-    version = values.pop("format_version", None)
+    version = values.pop("format_version", FORMAT_VERSION)  # absent: written as version 1
     if version != FORMAT_VERSION:
         raise ValueError(f"{CONFIG_FILE} has format_version {version!r}; this version reads "
                          f"{FORMAT_VERSION}")

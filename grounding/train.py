@@ -48,16 +48,23 @@ import logging
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from grounding.config import PRESETS, GroundingDINOConfig, LossConfig, SwinConfig
+from grounding.config import (
+    PRESETS,
+    GroundingDINOConfig,
+    LossConfig,
+    shapes_config,
+    tiny_config,
+)
 from grounding.dataset import MULTI_SCALE_SIZES, CocoGroundingDataset
 from grounding.losses import SetCriterion
 from grounding.model import GroundingDINO, build_model
+from grounding.native_format import config_from_dict, config_to_dict
 from grounding.optim import (
     FREEZABLE,
     SCHEDULES,
@@ -75,31 +82,6 @@ from grounding.trainer import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def tiny_config(vocab_size: int) -> GroundingDINOConfig:
-    """A 1.5 M-parameter detector (1 M of it BERT's word embeddings) for smoke runs and tests."""
-    return GroundingDINOConfig(
-        backbone=SwinConfig(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4)),
-        text=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=64, vocab_size=vocab_size),
-        hidden_dim=32, num_queries=50, encoder_layers=1, decoder_layers=2, encoder_heads=4,
-        decoder_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)
-
-
-def shapes_config(vocab_size: int) -> GroundingDINOConfig:
-    """A 4 M-parameter detector (2 M of it BERT's word embeddings) to train from scratch on the
-    synthetic shapes (`grounding.shapes_data`) on a CPU: small widths and depths, 50 queries, no
-    stochastic depth, and the scaled, biased contrastive head (`contrastive_bias`), which made a
-    from-scratch probe learn the phrase alignment about 4x faster."""
-    return GroundingDINOConfig(
-        backbone=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
-                            drop_path_rate=0.0),
-        text=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=128, vocab_size=vocab_size),
-        hidden_dim=64, num_queries=50, encoder_layers=2, decoder_layers=3, encoder_heads=4,
-        decoder_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, fusion_drop_path=0.0,
-        contrastive_bias=True)
 
 
 def _preset_with_vocabulary(name: str) -> Callable[[int], GroundingDINOConfig]:
@@ -235,13 +217,6 @@ def initial_model(args: argparse.Namespace) -> tuple[GroundingDINO, object]:
     return build_model(SCRATCH_CONFIGS[args.config](len(tokenizer))), tokenizer
 
 
-def config_from_dict(values: dict) -> GroundingDINOConfig:
-    """Inverse of `dataclasses.asdict` for `GroundingDINOConfig` (lists back to tuples)."""
-    backbone = {key: tuple(value) if isinstance(value, list) else value
-                for key, value in values["backbone"].items()}
-    return GroundingDINOConfig(**{**values, "backbone": SwinConfig(**backbone)})
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -309,8 +284,9 @@ def train(args: argparse.Namespace) -> dict:
     recorded_args = {key: _plain(value) for key, value in vars(args).items()}
     trainer = Trainer(model, tokenizer, SetCriterion(LossConfig()), optimizer, scheduler, dataset,
                       options, device, frozen_modules=frozen_modules,
-                      extra_state={"model_config": asdict(model.config), "args": recorded_args,
-                                   "from_scratch": from_scratch, "frozen": frozen})
+                      extra_state={"model_config": config_to_dict(model.config),
+                                   "args": recorded_args, "from_scratch": from_scratch,
+                                   "frozen": frozen})
     if state is not None:
         trainer.load_state_dict(state)
         set_rng_state(state["rng"])  # last: building the pieces above may draw random numbers

@@ -20,7 +20,8 @@ from segment_anything.modeling import (
 )
 from torch import nn
 
-from grounding import Detector, GroundingDINOConfig, SwinConfig, build_model
+from grounding import Detector, build_model
+from grounding.config import tiny_config
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CHARACTERS = string.ascii_lowercase + string.digits + ".?,!'-:;()/&"
@@ -43,21 +44,11 @@ def tiny_tokenizer():
                          do_lower_case=True)
 
 
-def tiny_detector_config(vocab_size: int) -> GroundingDINOConfig:
-    """A Grounding DINO small enough for about 0.3 s per 800 x 1200 image on 2 CPU cores."""
-    return GroundingDINOConfig(
-        backbone=SwinConfig(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4)),
-        text=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=64, vocab_size=vocab_size),
-        hidden_dim=32, num_queries=50, encoder_layers=1, decoder_layers=2, encoder_heads=4,
-        decoder_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)
-
-
 def tiny_detector(device: str | torch.device | None = None, seed: int = 0) -> Detector:
     """A random tiny Grounding DINO with `tiny_tokenizer`; the same weights for the same seed."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    model = build_model(tiny_detector_config(len(tokenizer)))
+    model = build_model(tiny_config(len(tokenizer)))
     _perturb(model, seed)
     with torch.no_grad():
         model.decoder.norm.weight.mul_(_LOGIT_SCALE)

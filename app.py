@@ -1,7 +1,7 @@
 """Grounded SAM in the browser: upload an image, name what to find, get boxes and masks (Gradio 6).
 
     python app.py                  # SwinT + SAM ViT-H on a GPU, SwinT + ViT-B on CPU
-    python app.py --offline        # tiny random-weight models, no downloads (tests, UI demos)
+    python app.py --offline        # small models trained here on shapes, no downloads
     python app.py --sam vit_l --detector swinb --listen --port 7860
 
 Flags fall back to environment variables (GROUNDED_SAM_DETECTOR, _SAM, _DEVICE, _OFFLINE=1,
@@ -36,12 +36,18 @@ import gradio as gr
 
 from segmentation import app_events as events
 from segmentation.cli import ModelChoice, add_model_arguments, model_choice
+from segmentation.offline import EXAMPLE_PROMPT, known_names_text
 from segmentation.report import TABLE_HEADERS
 
 ASSETS = Path(__file__).parent / "assets"
+SHAPES_EXAMPLE = [str(ASSETS / "shapes.jpg"), EXAMPLE_PROMPT]
 EXAMPLES = [[str(ASSETS / "street.jpg"), "car . house . tree ."],
             [str(ASSETS / "fruit.jpg"), "apple . banana . bowl ."],
-            [str(ASSETS / "shapes.jpg"), "red ball . blue box . green triangle ."]]
+            SHAPES_EXAMPLE]
+# The offline models know only the shapes' 12 names: examples they can answer.
+OFFLINE_EXAMPLES = [[str(ASSETS / "generated_shapes.jpg"),
+                     "red circle . green circle . green triangle ."],
+                    SHAPES_EXAMPLE]
 ON_SPACES = bool(os.environ.get("SPACE_ID"))
 
 
@@ -83,9 +89,10 @@ press **Segment**. **Box threshold** decides which boxes are kept (a box's score
 match); **text threshold** only decides which words of its phrase label a box. Moving a slider
 re-filters the cached result: no model runs again.
 """
-OFFLINE_BANNER = ("**Offline mode:** tiny random-weight models, nothing downloaded. Boxes, masks "
-                  "and scores are meaningless; this mode is for tests and for trying the "
-                  "interface.")
+OFFLINE_BANNER = ("**Offline mode:** small models trained here on synthetic shapes, nothing "
+                  f"downloaded. They know 12 names: {known_names_text()}. Anything else (a dog, "
+                  "a car) finds little or nothing; start without `--offline` for the real "
+                  "Grounding DINO and SAM.")
 
 
 def build_demo(config: AppConfig) -> gr.Blocks:
@@ -132,7 +139,8 @@ def build_demo(config: AppConfig) -> gr.Blocks:
         ui_outputs = [annotated, legend, detections, downloads, message]
         inputs = [image, prompt, box_threshold, text_threshold, session]
         with examples_cache(config.models):
-            gr.Examples(EXAMPLES, inputs=[image, prompt], outputs=ui_outputs,
+            gr.Examples(OFFLINE_EXAMPLES if config.models.offline else EXAMPLES,
+                        inputs=[image, prompt], outputs=ui_outputs,
                         fn=events.example_segment, cache_examples=True, cache_mode="lazy",
                         label="Examples (synthetic scenes)")
         shared = dict(concurrency_id="models", concurrency_limit=1, preprocess=False)
@@ -162,7 +170,7 @@ def examples_cache(choice: ModelChoice) -> Iterator[None]:
     """Cache examples per model choice (Gradio reads the folder from the environment when
     gr.Examples is built), so results of random offline weights never show for real models."""
     saved = os.environ.get("GRADIO_EXAMPLES_CACHE")
-    tag = "offline" if choice.offline else f"{Path(choice.detector).name}-{choice.sam}"
+    tag = "offline-shapes" if choice.offline else f"{Path(choice.detector).name}-{choice.sam}"
     os.environ["GRADIO_EXAMPLES_CACHE"] = str(Path(saved or ".gradio/cached_examples") / tag)
     try:
         yield

@@ -1,7 +1,9 @@
 """Redraw the synthetic example scenes in this folder: `python assets/generate.py`.
 
-numpy + PIL only, seeded, so the files come out the same each time (CC0, see README.md).
+numpy + PIL (and, for `generated_shapes.jpg`, the project's shapes generator), seeded, so the
+files come out the same each time (CC0, see README.md).
 """
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,19 @@ def shapes():
     return noisy(img.filter(ImageFilter.GaussianBlur(0.6)), 3)
 
 
+def generated_shapes():
+    """An image of the offline models' training distribution (`grounding.shapes_data`), from a
+    seed no split uses: a red circle, a green triangle, a green circle and a yellow triangle
+    among grey clutter."""
+    sys.path.insert(0, str(OUT.parent))
+    from grounding.shapes_data import generate_image
+
+    sample = generate_image(np.random.default_rng([7, 4]), min_side=480, max_side=640,
+                            min_shapes=4, max_shapes=4)
+    return Image.fromarray(sample.image)
+
+
 if __name__ == "__main__":
-    for name, draw in (("street.jpg", street), ("fruit.jpg", fruit), ("shapes.jpg", shapes)):
+    for name, draw in (("street.jpg", street), ("fruit.jpg", fruit), ("shapes.jpg", shapes),
+                       ("generated_shapes.jpg", generated_shapes)):
         draw().save(OUT / name, quality=88, optimize=True)

@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from grounding.captions import CaptionBuilder
+from grounding.captions import CaptionBuilder, distractor_vocabulary
 from grounding.targets import DetectionTarget
 from grounding.transforms import batch_images, preprocess
 
@@ -174,6 +174,8 @@ class CocoGroundingDataset(Dataset):
         max_text_len: the most caption tokens, [CLS] and [SEP] included (the model's).
         negatives: how many absent categories each caption names (fewer when fewer exist).
             Open-GroundingDino fills captions to 50 names in all, about the same for COCO.
+        distractors: how many phrases of random vocabulary words each training caption also
+            names (`grounding.captions`; none in evaluation): for datasets of few categories.
         sizes: short sides to pick from; default `MULTI_SCALE_SIZES` for training, (800,) for
             evaluation (which uses the largest).
         max_size: the longest side after resizing.
@@ -183,11 +185,12 @@ class CocoGroundingDataset(Dataset):
 
     def __init__(self, image_dir: str | os.PathLike, annotation_file: str | os.PathLike,
                  tokenizer, *, train: bool, max_text_len: int = 256, negatives: int = 50,
-                 sizes: Sequence[int] | None = None, max_size: int = 1333,
+                 distractors: int = 0, sizes: Sequence[int] | None = None, max_size: int = 1333,
                  flip_prob: float = 0.5, seed: int = 0) -> None:
         self.image_dir = Path(image_dir)
         self.train = train
         self.negatives = negatives
+        self.distractors = distractors if train else 0
         self.sizes = tuple(sizes) if sizes else (MULTI_SCALE_SIZES if train else (800,))
         self.max_size = max_size
         self.flip_prob = flip_prob
@@ -203,7 +206,9 @@ class CocoGroundingDataset(Dataset):
         if len(problems) > _MAX_LOGGED:
             logger.warning("%s: %d more problems skipped", annotation_file,
                            len(problems) - _MAX_LOGGED)
-        self.captions = CaptionBuilder(self.categories, tokenizer, max_text_len)
+        words = distractor_vocabulary(tokenizer, list(self.categories.values())) \
+            if self.distractors > 0 else ()
+        self.captions = CaptionBuilder(self.categories, tokenizer, max_text_len, words)
         self.max_text_len = max_text_len
         self.pad_token_id = tokenizer.pad_token_id
 
@@ -233,7 +238,8 @@ class CocoGroundingDataset(Dataset):
 
         entropy = (self.seed, self.epoch, index) if self.train else (self.seed, index)
         rng = np.random.default_rng(entropy)
-        caption = self.captions.sample(category_ids.tolist(), self.negatives, rng)
+        caption = self.captions.sample(category_ids.tolist(), self.negatives, rng,
+                                       self.distractors)
         spans = dict(zip(caption.category_ids, caption.phrase_spans, strict=True))
         keep = np.array([int(cid) in spans for cid in category_ids], dtype=bool)
         boxes, category_ids = boxes[keep], category_ids[keep]

@@ -100,7 +100,7 @@ SCRATCH_CONFIGS: dict[str, Callable[[int], GroundingDINOConfig]] = {
 # Flags that must not change on --resume (others, such as --epochs or --workers, may).
 RESUME_FIXED = ("batch_size", "accumulate", "lr", "lr_backbone", "lr_text", "weight_decay",
                 "schedule", "lr_drop_epochs", "lr_drop_factor", "warmup_steps", "freeze",
-                "train_text", "seed", "sizes", "max_size", "negatives", "bf16")
+                "train_text", "seed", "sizes", "max_size", "negatives", "distractors", "bf16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-size", type=int, default=1333, help="longest side after resizing")
     data.add_argument("--eval-size", type=int, help="evaluation short side (default max --sizes)")
     data.add_argument("--negatives", type=int, default=50, help="absent categories per caption")
+    data.add_argument("--distractors", type=int, default=0,
+                      help="phrases of random vocabulary words per caption, naming nothing (for "
+                           "datasets of few categories: unknown names then find nothing)")
     init = parser.add_argument_group("initialisation")
     init.add_argument("--checkpoint", help="official .pth, transformers directory or Hub id")
     init.add_argument("--config", choices=sorted(SCRATCH_CONFIGS),
@@ -265,7 +268,8 @@ def train(args: argparse.Namespace) -> dict:
         weight_decay=args.weight_decay))
     dataset = CocoGroundingDataset(
         args.train_images, args.train_annotations, tokenizer, train=True,
-        max_text_len=model.config.max_text_len, negatives=args.negatives, sizes=args.sizes,
+        max_text_len=model.config.max_text_len, negatives=args.negatives,
+        distractors=args.distractors, sizes=args.sizes,
         max_size=args.max_size, seed=args.seed)
     if len(dataset) == 0:
         raise ValueError(f"{args.train_annotations} lists no usable image")
@@ -307,8 +311,10 @@ def _plain(value):
 
 
 def _check_resume_flags(saved: dict, args: argparse.Namespace) -> None:
-    changed = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {_plain(getattr(args, key))!r}"
-               for key in RESUME_FIXED if saved.get(key) != _plain(getattr(args, key))]
+    # A flag newer than the run was at its default then.
+    saved = {key: saved.get(key, _plain(build_parser().get_default(key))) for key in RESUME_FIXED}
+    changed = [f"--{key.replace('_', '-')} {saved[key]!r} -> {_plain(getattr(args, key))!r}"
+               for key in RESUME_FIXED if saved[key] != _plain(getattr(args, key))]
     if changed:
         raise ValueError("--resume continues the run exactly, so these flags must not change: "
                          + "; ".join(changed))

@@ -184,7 +184,7 @@ def save_random_transformers_model(directory: Path, tiny: bool, size: tuple[int,
 
 def build_random_sam(variant: str, tiny: bool, seed: int):
     if tiny:
-        from segmentation.offline import tiny_sam
+        from segmentation.tiny_models import tiny_sam
 
         return tiny_sam(seed)
     from segment_anything import sam_model_registry

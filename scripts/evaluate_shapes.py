@@ -1,10 +1,8 @@
 """The shapes-trained Grounding DINO and small SAM against the P6 targets, on held-out images.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/evaluate_shapes.py \\
-        --detector /work/data/runs/shapes_gdino/last \\
-        --sam /work/data/runs/small_sam/best.safetensors \\
-        --sam-config /work/data/runs/small_sam/sam_config.json \\
-        --images 200 --seed 0 --threads 1 --out shapes_evaluation.json
+    OMP_NUM_THREADS=1 python scripts/evaluate_shapes.py --detector assets/shapes_detector \\
+        --sam assets/small_sam_shapes.safetensors --images 200 --seed 0 --threads 1 \\
+        --out shapes_evaluation.json
 
 Data: without `--data`, `--images` images are generated into a temporary folder by
 `grounding.shapes_data.generate_split` with seed `--seed + TEST_SEED_OFFSET` and the generator's
@@ -27,12 +25,9 @@ Metrics (`segmentation.shapes_metrics` holds the matching):
 5. Robustness: for "a dog ." and "a car . a person ." (never in training), the boxes per image
    above the box threshold and their best score.
 
-Resize: the detector runs at the short side / longest side recorded in the checkpoint's
-`training_state.pt` (`--eval-size`, `--max-size` of `grounding.train`; looked up in DIR, then in
-DIR/../last), unless `--size` / `--max-size` say otherwise; the reference 800 / 1333 when nothing
-is recorded. `Detector.infer`, which the app uses, always resizes to 800 / 1333, far from the
-192-256 pixels the shapes model trained at; `ResizedDetector` runs the pipeline at the training
-scale (pass `--size 800 --max-size 1333` to measure the app as it is).
+Resize: the detector runs at the short side / longest side its checkpoint records (the
+processor config `grounding.save_detector` writes; 224 / 320 for the shapes model, as the app runs
+it), unless `--size` / `--max-size` say otherwise.
 
 Prints one Markdown table (metric, value, target, pass / fail) and writes everything as JSON
 (`--out`). The robustness target, "few or no boxes", is read as at most
@@ -42,6 +37,7 @@ Prints one Markdown table (metric, value, target, pass / fail) and writes everyt
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import tempfile
@@ -59,14 +55,11 @@ from grounding.captions import category_prompt  # noqa: E402
 from grounding.dataset import load_image  # noqa: E402
 from grounding.evaluate import (  # noqa: E402
     evaluate_predictions,
-    infer_batch,
     predict_dataset,
     read_annotations,
 )
-from grounding.postprocess import Detections  # noqa: E402
-from grounding.predictor import Detector, RawPrediction, normalize_caption  # noqa: E402
+from grounding.predictor import Detector  # noqa: E402
 from grounding.shapes_data import CATEGORIES, TEST_SEED_OFFSET, generate_split  # noqa: E402
-from grounding.transforms import preprocess, to_pil_rgb  # noqa: E402
 from segmentation.pipeline import GroundedSAM  # noqa: E402
 from segmentation.sam import BoxSegmenter  # noqa: E402
 from segmentation.sam_data import annotation_mask  # noqa: E402
@@ -78,7 +71,6 @@ from segmentation.shapes_metrics import (  # noqa: E402
 
 BOX_THRESHOLD = 0.35
 TEXT_THRESHOLD = 0.25
-REFERENCE_RESIZE = (800, 1333)
 ROBUSTNESS_PROMPTS = ("a dog .", "a car . a person .")
 MIN_AP50 = 0.9
 MIN_RECALL = 0.85
@@ -104,39 +96,6 @@ def held_out_split(folder: str | Path, count: int, seed: int = 0, **generator_op
     """
     generate_split(folder, count, seed + TEST_SEED_OFFSET, progress=False, **generator_options)
     return Path(folder)
-
-
-def recorded_resize(detector_dir: str | Path) -> tuple[int, int] | None:
-    """(short side, longest side) the detector was evaluated at during training, from the
-    `training_state.pt` in `detector_dir` or in `detector_dir/../last`; None if there is none."""
-    from grounding.trainer import STATE_FILE, read_training_state
-
-    directory = Path(detector_dir)
-    for candidate in (directory, directory.parent / "last"):
-        if (candidate / STATE_FILE).is_file():
-            args = read_training_state(candidate).get("args", {})
-            if args.get("eval_size") and args.get("max_size"):
-                return int(args["eval_size"]), int(args["max_size"])
-    return None
-
-
-class ResizedDetector:
-    """A `Detector` for `GroundedSAM` that resizes to (`size`, `max_size`) instead of
-    `Detector.infer`'s fixed 800 / 1333, as `grounding.evaluate` does."""
-
-    def __init__(self, detector: Detector, size: int, max_size: int) -> None:
-        self.detector, self.size, self.max_size = detector, size, max_size
-
-    def infer(self, image, caption: str) -> RawPrediction:
-        """`Detector.infer` at this resize: image (H, W, 3) uint8 RGB or PIL; any caption."""
-        pil = to_pil_rgb(image)
-        pixels = preprocess(pil, self.size, self.max_size)
-        return infer_batch(self.detector, [pixels], [pil.size], normalize_caption(caption))[0]
-
-    def select(self, raw: RawPrediction, box_threshold: float = BOX_THRESHOLD,
-               text_threshold: float = TEXT_THRESHOLD,
-               nms_threshold: float | None = None) -> Detections:
-        return self.detector.select(raw, box_threshold, text_threshold, nms_threshold)
 
 
 def _split_images(folder: Path, max_images: int | None) -> tuple[dict, list[dict], dict]:
@@ -178,7 +137,7 @@ def detection_ap(detector: Detector, folder: str | Path, *, size: int, max_size:
     return evaluate_predictions(annotations, predictions.results, predictions.image_ids)
 
 
-def pipeline_metrics(detector: ResizedDetector, sam, folder: str | Path, *,
+def pipeline_metrics(detector: Detector, sam, folder: str | Path, *,
                      max_images: int | None = None, box_threshold: float = BOX_THRESHOLD,
                      text_threshold: float = TEXT_THRESHOLD, progress: bool = False,
                      ) -> tuple[dict, dict]:
@@ -211,7 +170,7 @@ def pipeline_metrics(detector: ResizedDetector, sam, folder: str | Path, *,
     return tally.summary(), sam_alone
 
 
-def robustness(detector: ResizedDetector, folder: str | Path, prompts: Sequence[str], *,
+def robustness(detector: Detector, folder: str | Path, prompts: Sequence[str], *,
                max_images: int | None = None, box_threshold: float = BOX_THRESHOLD,
                text_threshold: float = TEXT_THRESHOLD, progress: bool = False) -> dict:
     """Per prompt: "boxes" above the box threshold over all images, "boxes_per_image",
@@ -249,7 +208,8 @@ def evaluate(detector: Detector, sam, folder: str | Path, *, size: int, max_size
         "sam_on_truth_boxes": its SAM-alone IoU, "robustness": `robustness`, "prompt",
         "resize": [size, max_size], "thresholds": {"box", "text"}}.
     """
-    resized = ResizedDetector(detector, size, max_size)
+    resized = copy.copy(detector)  # the same model, resizing to (size, max_size)
+    resized.image_size, resized.max_size = size, max_size
     report = {"prompt": shapes_prompt(), "resize": [size, max_size],
               "thresholds": {"box": BOX_THRESHOLD, "text": TEXT_THRESHOLD}}
     report["detection"] = detection_ap(detector, folder, size=size, max_size=max_size,
@@ -325,9 +285,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None,
                         help="a split folder of grounding.shapes_data (default: generate one)")
     parser.add_argument("--size", type=int, default=None,
-                        help="detector short side (default: recorded in training, else 800)")
+                        help="detector short side (default: the checkpoint's)")
     parser.add_argument("--max-size", type=int, default=None,
-                        help="detector longest side (default: recorded in training, else 1333)")
+                        help="detector longest side (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="write the report JSON here")
@@ -361,9 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as error:
         print(f"error: could not load the models: {error}", file=sys.stderr)
         return 1
-    recorded = recorded_resize(args.detector)
-    size, max_size = recorded or REFERENCE_RESIZE
-    resize_source = "training_state.pt" if recorded else "reference"
+    size, max_size = detector.image_size, detector.max_size
+    resize_source = "checkpoint"
     if args.size is not None or args.max_size is not None:
         size, max_size = args.size or size, args.max_size or max_size
         resize_source = "command line"

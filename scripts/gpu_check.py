@@ -260,7 +260,7 @@ def build_context(args: argparse.Namespace, device: torch.device, report: Report
 def build_random_sam(variant: str, tiny: bool, seed: int) -> torch.nn.Module:
     """segment_anything's `variant` after a fixed seed; all-zero parameters get N(0, 0.02^2)."""
     if tiny:
-        from segmentation.offline import tiny_sam
+        from segmentation.tiny_models import tiny_sam
 
         return tiny_sam(seed)
     from segment_anything import sam_model_registry

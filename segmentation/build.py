@@ -9,7 +9,7 @@ import torch
 
 from grounding import load_detector
 from grounding.config import PRESETS
-from segmentation.offline import tiny_detector, tiny_sam
+from segmentation.offline import shapes_detector, shapes_sam
 from segmentation.pipeline import DEFAULT_CACHE_BYTES, GroundedSAM
 from segmentation.sam import BoxSegmenter, build_sam
 from segmentation.sam import sam_checkpoint as official_sam_checkpoint
@@ -29,8 +29,9 @@ def load_pipeline(*, detector: str | os.PathLike = "swint_ogc", sam: str = "vit_
             transformers-format directory.
         sam: "vit_b", "vit_l" or "vit_h".
         device: default CUDA when available, else CPU.
-        offline: tiny random-weight models instead (no files, no downloads; boxes and masks
-            are noise). Every other model argument is then ignored.
+        offline: the small shapes models shipped in `assets/` instead (`segmentation.offline`:
+            no downloads; they know 12 names such as "red circle"). Every other model argument
+            is then ignored.
         sam_checkpoint: a SAM `.pth` for `sam`; default `$SAM_CHECKPOINT`, else the official file
             (downloaded once into `$SAM_CACHE_DIR` or ~/.cache/grounded-sam).
         detector_config: the architecture of a `.pth` passed as `detector`.
@@ -42,7 +43,7 @@ def load_pipeline(*, detector: str | os.PathLike = "swint_ogc", sam: str = "vit_
             message names the file and how to supply it).
     """
     if offline:
-        return GroundedSAM(tiny_detector(device), BoxSegmenter(tiny_sam().to(_device(device))),
+        return GroundedSAM(shapes_detector(device), BoxSegmenter(shapes_sam(device)),
                            cache_bytes=cache_bytes)
     if not (detector in PRESETS or Path(detector).exists()):
         raise ValueError(f"unknown detector {detector!r}: choose one of {sorted(PRESETS)} or give "
@@ -58,7 +59,3 @@ def load_pipeline(*, detector: str | os.PathLike = "swint_ogc", sam: str = "vit_
     segment_anything = build_sam(sam, sam_path, device=device)
     return GroundedSAM(grounding_detector, BoxSegmenter(segment_anything),
                        cache_bytes=cache_bytes)
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

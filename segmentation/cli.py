@@ -48,7 +48,8 @@ class ModelChoice:
             transformers-format directory).
         sam: "vit_b", "vit_l" or "vit_h".
         device: a torch device string ("cpu", "cuda", "cuda:1").
-        offline: tiny random-weight models, no files and no downloads (tests, UI demos).
+        offline: the small models trained here on synthetic shapes, shipped in `assets/`
+            (no downloads; they know 12 names such as "red circle": `segmentation.offline`).
         sam_checkpoint: a local SAM `.pth` for `sam`; None: `$SAM_CHECKPOINT`, else the cached
             or downloaded official file.
     """
@@ -63,9 +64,11 @@ class ModelChoice:
         """A one-line summary for banners and logs."""
         detector = {"swint_ogc": "SwinT-OGC", "swinb_cogcoor": "SwinB-COGCOOR"}.get(
             self.detector, Path(self.detector).name)
-        weights = "tiny random-weight models (offline)" if self.offline else "pretrained weights"
+        if self.offline:
+            return (f"small Grounding DINO + small SAM trained on synthetic shapes (offline) "
+                    f"on {self.device}")
         return (f"Grounding DINO {detector} + SAM ViT-{self.sam[-1].upper()} on {self.device}, "
-                f"{weights}")
+                f"pretrained weights")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,8 +88,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"cpu, cuda, cuda:1, ...; default cuda when available; "
                             f"env {ENV_DEVICE}")
     group.add_argument("--offline", action="store_true", default=None,
-                       help=f"tiny random-weight models: no downloads, meaningless results "
-                            f"(for tests and trying the interface); env {ENV_OFFLINE}=1")
+                       help=f"the small shapes models shipped in assets/: no downloads; they "
+                            f"know 12 names such as 'red circle'; env {ENV_OFFLINE}=1")
 
 
 def default_device(environ: Mapping[str, str] = os.environ) -> str:

@@ -57,7 +57,7 @@ def test_stopping_the_app_removes_its_exports_and_start_up_removes_stale_ones(tm
         client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
         image = tmp_path / "mine.png"
         Image.open(ROOT / "assets" / "shapes.jpg").resize((96, 72)).save(image)
-        client.predict(handle_file(str(image)), "red ball .", 0.0, 0.25, api_name="/annotate")
+        client.predict(handle_file(str(image)), "red circle .", 0.0, 0.25, api_name="/annotate")
         client.close()
         own = exports / f"process-{server.pid}"
         assert any(own.rglob("*_masks.zip")), "the answer's files are in the process's folder"

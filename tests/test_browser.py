@@ -29,7 +29,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-extensions", "--no-first-run"]
 SCREENSHOT_COPY = Path("/tmp/app_screenshot.png")
-PROMPT = "car . house . tree ."
+PROMPT = "red circle . green triangle . green circle . yellow triangle ."
 START_TIMEOUT_S = 120
 
 
@@ -126,14 +126,11 @@ def api_scores(app_url: str, image: Path, prompt: str) -> list[float]:
 
 
 def test_upload_segment_rethreshold_and_download(page, app_url, tmp_path):
-    image = ROOT / "assets" / "street.jpg"
+    image = ROOT / "assets" / "generated_shapes.jpg"  # the four shapes PROMPT names
     scores = api_scores(app_url, image, PROMPT)
-    # A threshold between two distinct scores, so the slider move changes the count.
-    levels = sorted(set(round(score, 2) for score in scores))
-    assert len(levels) >= 3, "random weights should give a spread of scores"
-    threshold = levels[len(levels) // 2]
+    threshold = 0.35  # the default: the offline models find the shapes, not the other queries
     expected = sum(score > threshold for score in scores)
-    assert 0 < expected < len(scores)
+    assert 4 <= expected < len(scores)
 
     expect(page.locator("#offline_banner")).to_contain_text("Offline mode")
     page.locator("#input_image input[type=file]").set_input_files(str(image))
@@ -145,7 +142,8 @@ def test_upload_segment_rethreshold_and_download(page, app_url, tmp_path):
     expect(page.locator("#annotated img")).to_be_visible()
     assert table_rows(page) == len(scores)
     first_image = page.locator("#annotated img").get_attribute("src")
-    assert first_image.split("?")[0].endswith("street_result.jpg"), "the result is our JPEG"
+    assert first_image.split("?")[0].endswith("generated_shapes_result.jpg"), \
+        "the result is our JPEG"
 
     set_slider(page, "box_threshold", threshold)
     noun = "object" if expected == 1 else "objects"
@@ -154,14 +152,16 @@ def test_upload_segment_rethreshold_and_download(page, app_url, tmp_path):
     assert page.locator("#annotated img").get_attribute("src") != first_image
 
     with page.expect_download() as download_info:
-        page.locator('#downloads a[download="street_coco.json"]').click()
+        page.locator('#downloads a[download="generated_shapes_coco.json"]').click()
     coco = json.loads(Path(download_info.value.path()).read_text())
     assert len(coco["annotations"]) == expected
-    assert {c["name"] for c in coco["categories"]} == {"car", "house", "tree"}
+    names = ["red circle", "green triangle", "green circle", "yellow triangle"]
+    assert [c["name"] for c in coco["categories"]] == names
+    assert {a["phrase"] for a in coco["annotations"]} == set(names), "each shape found"
 
     page.locator("#make_zip").click()
     with page.expect_download() as download_info:
-        page.locator('#downloads a[download="street_masks.zip"]').click()
+        page.locator('#downloads a[download="generated_shapes_masks.zip"]').click()
     with zipfile.ZipFile(download_info.value.path()) as archive:
         masks = [name for name in archive.namelist() if name.startswith("masks/")]
     assert len(masks) == expected
@@ -181,10 +181,18 @@ def test_empty_prompt_is_refused_with_a_message(page):
 
 
 def test_example_click_shows_a_result_that_sliders_then_refilter(page):
-    page.get_by_text("apple . banana . bowl .").first.click()
+    """The offline example names three of the four shapes in its image: each of those is
+    labelled, the yellow triangle is not."""
+    expect(page.locator("#offline_banner")).to_contain_text("red circle")
+    example = "red circle . green circle . green triangle ."
+    page.get_by_text(example).first.click()
     expect(page.locator("#annotated img")).to_be_visible(timeout=60_000)
-    expect(page.locator("#prompt textarea")).to_have_value("apple . banana . bowl .")
-    expect(page.locator('#downloads a[download="fruit_coco.json"]')).to_be_visible()
+    expect(page.locator("#prompt textarea")).to_have_value(example)
+    expect(page.locator('#downloads a[download="generated_shapes_coco.json"]')).to_be_visible()
+    for name in ("red circle", "green circle", "green triangle"):
+        expect(page.locator("#detections")).to_contain_text(name)
+        expect(page.locator("#legend")).not_to_contain_text(f"{name} (0)")
+    expect(page.locator("#detections")).not_to_contain_text("yellow")
     set_slider(page, "box_threshold", 1.0)  # no score is above 1
     expect(page.locator("#message")).to_contain_text("No objects found")
     assert table_rows(page) == 0

@@ -25,17 +25,17 @@ from segmentation.cli import (
 from segmentation.export import rle_decode
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "car . house . tree ."
+PROMPT = "red circle . green triangle ."  # both images hold one of each
 
 
 @pytest.fixture()
 def folder(tmp_path) -> Path:
-    """Two small images (JPEG and RGBA PNG) and one corrupt file."""
+    """Two small shapes images (JPEG and RGBA PNG) and one corrupt file."""
     images = tmp_path / "images"
     images.mkdir()
-    street = Image.open(ROOT / "assets" / "street.jpg")
-    street.resize((128, 96)).save(images / "street.jpg")
-    shapes = Image.open(ROOT / "assets" / "shapes.jpg").resize((80, 120)).convert("RGBA")
+    scene = Image.open(ROOT / "assets" / "generated_shapes.jpg")
+    scene.resize((256, 282)).save(images / "scene.jpg")
+    shapes = Image.open(ROOT / "assets" / "shapes.jpg").resize((240, 180)).convert("RGBA")
     shapes.save(images / "shapes.png")
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     return images
@@ -50,31 +50,34 @@ def test_folder_to_annotated_images_and_one_coco_json(folder, tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert "skipped broken.jpg" in finished.stderr and "skipped 1: broken.jpg" in finished.stdout
 
-    assert Image.open(out / "street_annotated.png").size == (128, 96)
-    assert Image.open(out / "shapes_annotated.png").size == (80, 120)
+    assert Image.open(out / "scene_annotated.png").size == (256, 282)
+    assert Image.open(out / "shapes_annotated.png").size == (240, 180)
     assert not list(out.glob("broken*"))
     coco = json.loads((out / "annotations.json").read_text())
     assert coco["info"]["prompt"] == PROMPT and coco["info"]["box_threshold"] == 0.3
     assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in coco["images"]] == [
-        (1, "shapes.png", 80, 120), (2, "street.jpg", 128, 96)]
-    assert [c["name"] for c in coco["categories"]] == ["car", "house", "tree"]
+        (1, "scene.jpg", 256, 282), (2, "shapes.png", 240, 180)]
+    assert [c["name"] for c in coco["categories"]] == ["red circle", "green triangle"]
     annotations = coco["annotations"]
-    assert {a["image_id"] for a in annotations} == {1, 2}
+    # The offline models were trained on shapes: each image's red circle and green triangle.
+    for image_id in (1, 2):
+        assert {a["phrase"] for a in annotations if a["image_id"] == image_id} == \
+            {"red circle", "green triangle"}
     assert [a["id"] for a in annotations] == list(range(1, len(annotations) + 1))
     sizes = {i["id"]: (i["width"], i["height"]) for i in coco["images"]}
     for annotation in annotations:
         width, height = sizes[annotation["image_id"]]
         x, y, w, h = annotation["bbox"]
         assert 0 <= x <= x + w <= width and 0 <= y <= y + h <= height
-        assert annotation["score"] > 0.3 and annotation["category_id"] in (1, 2, 3)
+        assert annotation["score"] > 0.3 and annotation["category_id"] in (1, 2)
         assert annotation["phrase"] == coco["categories"][annotation["category_id"] - 1]["name"]
         mask = rle_decode(annotation["segmentation"])
         assert mask.shape == (height, width) and mask.sum() == annotation["area"]
 
-    with zipfile.ZipFile(out / "street_masks.zip") as archive:
+    with zipfile.ZipFile(out / "scene_masks.zip") as archive:
         names = archive.namelist()
-    street_count = sum(a["image_id"] == 2 for a in annotations)
-    assert sum(name.startswith("masks/") for name in names) == street_count
+    scene_count = sum(a["image_id"] == 1 for a in annotations)
+    assert sum(name.startswith("masks/") for name in names) == scene_count
     assert "annotations.json" in names
 
 
@@ -178,7 +181,7 @@ def test_any_failure_on_one_file_is_reported_and_the_batch_goes_on(folder, tmp_p
     assert "skipped b_thin.png: ValueError: the image is too thin (20000 x 1 pixels)" in err
     assert "skipped c_explodes.png: RuntimeError: something nobody expected" in err
     coco = json.loads((out / "annotations.json").read_text())
-    assert [i["file_name"] for i in coco["images"]] == ["shapes.png", "street.jpg"]
+    assert [i["file_name"] for i in coco["images"]] == ["scene.jpg", "shapes.png"]
 
 
 def test_an_interrupted_batch_writes_what_it_did(folder, tmp_path, capsys, monkeypatch):
@@ -198,7 +201,7 @@ def test_an_interrupted_batch_writes_what_it_did(folder, tmp_path, capsys, monke
     assert main([str(folder), "--prompt", PROMPT, "--out", str(out), "--offline"]) == 130
     assert "interrupted: writing the 1 images done" in capsys.readouterr().err
     coco = json.loads((out / "annotations.json").read_text())
-    assert [i["file_name"] for i in coco["images"]] == ["shapes.png"]
+    assert [i["file_name"] for i in coco["images"]] == ["scene.jpg"]
     assert not list(out.glob(".*.part"))
 
 

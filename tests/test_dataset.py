@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from grounding.captions import CaptionBuilder, clean_category_name
+from grounding.captions import CaptionBuilder, clean_category_name, distractor_vocabulary
 from grounding.dataset import CocoGroundingDataset, collate, load_image
 from tests.coco_files import CATEGORIES, IMAGES, write_coco
 
@@ -79,6 +79,44 @@ def test_negatives_are_sampled_and_vary(coco, tokenizer):
     assert len(captions) > 1
     empty_image = dataset[3]  # no boxes: the caption is negatives only
     assert len(empty_image.target) == 0 and len(empty_image.phrase_category_ids) == 2
+
+
+def test_distractors_are_unknown_words_that_no_box_points_at(coco, tokenizer):
+    dataset = make_dataset(coco, tokenizer, negatives=1, distractors=3)
+    name_words = {word for name in CATEGORIES.values() for word in name.lower().split()}
+    seen = set()
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        sample = dataset[0]
+        distractors = [i for i, cid in enumerate(sample.phrase_category_ids) if cid < 0]
+        assert sorted(sample.phrase_category_ids[i] for i in distractors) == [-3, -2, -1]
+        ids = sample.input_ids.tolist()
+        assert ids == tokenizer(sample.caption)["input_ids"], "spans must be the tokenizer's"
+        for index in distractors:
+            start, end = sample.phrase_spans[index]
+            words = tokenizer.decode(ids[start:end]).split()
+            assert 1 <= len(words) <= 3 and not name_words & set(words)
+            seen.add(" ".join(words))
+        # Only the image's own categories carry boxes.
+        assert set(sample.target.category_ids.tolist()) == set(dataset.records[0].category_ids)
+    assert len(seen) >= 8, "distractors vary"
+    evaluation = make_dataset(coco, tokenizer, train=False, negatives=1, distractors=3)
+    assert min(evaluation[0].phrase_category_ids) > 0, "evaluation captions have none"
+
+
+def test_distractor_vocabulary_avoids_the_category_words(tokenizer):
+    words = distractor_vocabulary(tokenizer, ["red circle", "Traffic light"])
+    assert {"dog", "car", "person"} <= set(words)
+    assert not {"red", "circle", "circles", "traffic", "light", "lights"} & set(words)
+    assert all(word.isalpha() and word.isascii() and len(word) >= 3 for word in words)
+
+
+def test_small_max_text_len_drops_distractors_before_positives(tokenizer):
+    builder = CaptionBuilder({1: "red square", 2: "blue circle"}, tokenizer, max_text_len=8,
+                             distractor_words=["dog", "lamp"])
+    for seed in range(5):
+        caption = builder.sample([1, 2], 0, np.random.default_rng(seed), distractors=4)
+        assert sorted(caption.category_ids) == [1, 2] and len(caption.input_ids) == 8
 
 
 def test_small_max_text_len_drops_negatives_then_positives(coco, tokenizer):

@@ -139,7 +139,7 @@ def test_held_out_split_is_the_test_seed(script, split):
 
 
 def test_evaluation_runs_with_tiny_models(script, split):
-    from segmentation.offline import tiny_detector, tiny_sam
+    from segmentation.tiny_models import tiny_detector, tiny_sam
 
     report = script.evaluate(tiny_detector(device="cpu"), tiny_sam(), split, size=96,
                              max_size=160)
@@ -163,12 +163,12 @@ def test_evaluation_runs_with_tiny_models(script, split):
 
 def test_main_prints_the_table_and_writes_json(script, split, tmp_path, capsys):
     import grounding
-    from segmentation.offline import tiny_detector
     from segmentation.small_sam import SmallSamConfig, build_small_sam
+    from segmentation.tiny_models import tiny_detector
 
-    detector_dir = grounding.save_detector(tiny_detector(device="cpu"), tmp_path / "detector")
-    # As grounding.train records it in last/training_state.pt.
-    torch.save({"args": {"eval_size": 96, "max_size": 160}}, detector_dir / "training_state.pt")
+    detector = tiny_detector(device="cpu")
+    detector.image_size, detector.max_size = 96, 160  # recorded in its processor config
+    detector_dir = grounding.save_detector(detector, tmp_path / "detector")
     config = SmallSamConfig(image_size=64, encoder_dim=32, encoder_depth=1, encoder_heads=2,
                             prompt_dim=32, decoder_depth=1, decoder_heads=2, mask_in_chans=4)
     sam_path = tmp_path / "last.pt"
@@ -182,7 +182,7 @@ def test_main_prints_the_table_and_writes_json(script, split, tmp_path, capsys):
     assert "| detection AP50 (COCOeval) |" in printed and '"a dog ."' in printed
     report = json.loads(out.read_text())
     assert report["images"] == 2 and report["resize"] == [96, 160]
-    assert report["resize_source"] == "training_state.pt" and report["data"] == str(split)
+    assert report["resize_source"] == "checkpoint" and report["data"] == str(split)
     assert {"detection", "pipeline", "sam_on_truth_boxes", "robustness", "targets",
             "all_targets_met"} <= set(report)
     assert report["all_targets_met"] is False  # random weights

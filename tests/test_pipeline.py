@@ -14,9 +14,9 @@ from grounding import Detections, RawPrediction
 from grounding.hub import OfflineError
 from segmentation.build import load_pipeline
 from segmentation.cache import ByteLRU
-from segmentation.offline import tiny_detector, tiny_sam
 from segmentation.pipeline import GroundedSAM
 from segmentation.sam import BoxSegmenter
+from segmentation.tiny_models import tiny_detector, tiny_sam
 from tests.test_sam import _BoxesAsPrompts, _PaintBoxes
 
 PROMPT = "a cat . a remote control ."

@@ -13,8 +13,8 @@ from torch import nn
 
 import segmentation.sam as sam_module
 from grounding.hub import OfflineError
-from segmentation.offline import tiny_sam
 from segmentation.sam import BoxSegmenter, build_sam, sam_checkpoint
+from segmentation.tiny_models import tiny_sam
 
 FILENAME = "sam_vit_b_01ec64.pth"
 URL = "https://dl.fbaipublicfiles.com/segment_anything/" + FILENAME

@@ -22,7 +22,6 @@ from segment_anything.modeling import (
 from segment_anything.modeling.image_encoder import Attention
 from torch import nn
 
-from segmentation.offline import tiny_sam
 from segmentation.sam import BoxSegmenter
 from segmentation.sam_attention import (
     FastAttention,
@@ -30,6 +29,7 @@ from segmentation.sam_attention import (
     rel_pos_attention,
     restore_sam,
 )
+from segmentation.tiny_models import tiny_sam
 
 ATOL = 1e-5
 

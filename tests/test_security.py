@@ -17,7 +17,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "red ball . blue box ."
+PROMPT = "red circle . blue square ."
 REFUSED = "The image must be uploaded"
 
 
@@ -164,7 +164,7 @@ def test_a_prompt_of_unknown_words_gets_a_message_not_unk_labels(served, tmp_pat
     image = tmp_path / "mine.png"
     Image.open(ROOT / "assets" / "shapes.jpg").resize((96, 72)).save(image)
     with pytest.raises(AppError, match="none of the prompt's words is known"):
-        client.predict(handle_file(str(image)), "고양이 . 강아지 .", 0.0, 0.25,
+        client.predict(handle_file(str(image)), "고양이 . 猫 .", 0.0, 0.25,
                        api_name="/segment")
 
 

@@ -41,13 +41,16 @@ from segmentation.report import TABLE_HEADERS
 
 ASSETS = Path(__file__).parent / "assets"
 SHAPES_EXAMPLE = [str(ASSETS / "shapes.jpg"), EXAMPLE_PROMPT]
-EXAMPLES = [[str(ASSETS / "street.jpg"), "car . house . tree ."],
-            [str(ASSETS / "fruit.jpg"), "apple . banana . bowl ."],
-            SHAPES_EXAMPLE]
+EXAMPLES = [
+    [str(ASSETS / "street.jpg"), "car . house . tree ."],
+    [str(ASSETS / "fruit.jpg"), "apple . banana . bowl ."],
+    SHAPES_EXAMPLE,
+]
 # The offline models know only the shapes' 12 names: examples they can answer.
-OFFLINE_EXAMPLES = [[str(ASSETS / "generated_shapes.jpg"),
-                     "red circle . green circle . green triangle ."],
-                    SHAPES_EXAMPLE]
+OFFLINE_EXAMPLES = [
+    [str(ASSETS / "generated_shapes.jpg"), "red circle . green circle . green triangle ."],
+    SHAPES_EXAMPLE,
+]
 ON_SPACES = bool(os.environ.get("SPACE_ID"))
 
 
@@ -61,13 +64,20 @@ class AppConfig:
 def parse_args(argv: Sequence[str] | None = None) -> AppConfig:
     parser = argparse.ArgumentParser(description="Grounded SAM web app (Gradio).")
     add_model_arguments(parser)
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="address to bind (default 127.0.0.1: this machine only; "
-                             "env GRADIO_SERVER_NAME)")
-    parser.add_argument("--listen", action="store_true",
-                        help="bind 0.0.0.0: serve other machines on the network")
-    parser.add_argument("--port", type=int, default=None,
-                        help="port (default: GRADIO_SERVER_PORT, else the first free from 7860)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to bind (default 127.0.0.1: this machine only; env GRADIO_SERVER_NAME)",
+    )
+    parser.add_argument(
+        "--listen", action="store_true", help="bind 0.0.0.0: serve other machines on the network"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="port (default: GRADIO_SERVER_PORT, else the first free from 7860)",
+    )
     args = parser.parse_args(argv)
     try:
         models = model_choice(args)
@@ -89,10 +99,12 @@ press **Segment**. **Box threshold** decides which boxes are kept (a box's score
 match); **text threshold** only decides which words of its phrase label a box. Moving a slider
 re-filters the cached result: no model runs again.
 """
-OFFLINE_BANNER = ("**Offline mode:** small models trained here on synthetic shapes, nothing "
-                  f"downloaded. They know 12 names: {known_names_text()}. Anything else (a dog, "
-                  "a car) finds little or nothing; start without `--offline` for the real "
-                  "Grounding DINO and SAM.")
+OFFLINE_BANNER = (
+    "**Offline mode:** small models trained here on synthetic shapes, nothing "
+    f"downloaded. They know 12 names: {known_names_text()}. Anything else (a dog, "
+    "a car) finds little or nothing; start without `--offline` for the real "
+    "Grounding DINO and SAM."
+)
 
 
 def build_demo(config: AppConfig) -> gr.Blocks:
@@ -100,8 +112,9 @@ def build_demo(config: AppConfig) -> gr.Blocks:
     events.MODELS.configure(config.models)
     # Now, not on the first answer: export folders left by processes that died are removed.
     events.export_folders(gr.utils.get_upload_folder())
-    with gr.Blocks(title="Grounded SAM", analytics_enabled=False,
-                   delete_cache=(3600, 3600)) as demo:
+    with gr.Blocks(
+        title="Grounded SAM", analytics_enabled=False, delete_cache=(3600, 3600)
+    ) as demo:
         gr.Markdown(INTRO)
         if config.models.offline:
             gr.Markdown(OFFLINE_BANNER, elem_id="offline_banner")
@@ -109,49 +122,101 @@ def build_demo(config: AppConfig) -> gr.Blocks:
         session = gr.State(None, time_to_live=3600)  # the decoded image: bounded in time too
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", image_mode=None, label="Image",
-                                 sources=["upload", "clipboard"], height=420,
-                                 elem_id="input_image")
-                prompt = gr.Textbox(label="What to find", placeholder="a cat . a remote control .",
-                                    max_length=events.MAX_PROMPT_CHARS, elem_id="prompt")
-                box_threshold = gr.Slider(0.0, 1.0, value=events.BOX_THRESHOLD, step=0.01,
-                                          label="Box threshold",
-                                          info="keep a box when its score is above this",
-                                          elem_id="box_threshold")
-                text_threshold = gr.Slider(0.0, 1.0, value=events.TEXT_THRESHOLD, step=0.01,
-                                           label="Text threshold",
-                                           info="words above this label a box (never removes one)",
-                                           elem_id="text_threshold")
+                image = gr.Image(
+                    type="filepath",
+                    image_mode=None,
+                    label="Image",
+                    sources=["upload", "clipboard"],
+                    height=420,
+                    elem_id="input_image",
+                )
+                prompt = gr.Textbox(
+                    label="What to find",
+                    placeholder="a cat . a remote control .",
+                    max_length=events.MAX_PROMPT_CHARS,
+                    elem_id="prompt",
+                )
+                box_threshold = gr.Slider(
+                    0.0,
+                    1.0,
+                    value=events.BOX_THRESHOLD,
+                    step=0.01,
+                    label="Box threshold",
+                    info="keep a box when its score is above this",
+                    elem_id="box_threshold",
+                )
+                text_threshold = gr.Slider(
+                    0.0,
+                    1.0,
+                    value=events.TEXT_THRESHOLD,
+                    step=0.01,
+                    label="Text threshold",
+                    info="words above this label a box (never removes one)",
+                    elem_id="text_threshold",
+                )
                 run = gr.Button("Segment", variant="primary", elem_id="run")
             with gr.Column(scale=1):
                 # A JPEG file written by the handler: Gradio's PNG of an array is ~30x slower.
-                annotated = gr.Image(label="Result", type="filepath", interactive=False,
-                                     height=420, elem_id="annotated")
+                annotated = gr.Image(
+                    label="Result",
+                    type="filepath",
+                    interactive=False,
+                    height=420,
+                    elem_id="annotated",
+                )
                 legend = gr.HTML(elem_id="legend")
                 message = gr.Markdown(elem_id="message")
-                downloads = gr.File(label="Downloads: COCO JSON with RLE masks (and the ZIP)",
-                                    file_count="multiple", interactive=False,
-                                    elem_id="downloads")
-                make_zip = gr.Button("Prepare ZIP: PNG masks + transparent cut-outs", size="sm",
-                                     elem_id="make_zip")
-        detections = gr.Dataframe(headers=TABLE_HEADERS, label="Detections", interactive=False,
-                                  elem_id="detections")
+                downloads = gr.File(
+                    label="Downloads: COCO JSON with RLE masks (and the ZIP)",
+                    file_count="multiple",
+                    interactive=False,
+                    elem_id="downloads",
+                )
+                make_zip = gr.Button(
+                    "Prepare ZIP: PNG masks + transparent cut-outs", size="sm", elem_id="make_zip"
+                )
+        detections = gr.Dataframe(
+            headers=TABLE_HEADERS, label="Detections", interactive=False, elem_id="detections"
+        )
         ui_outputs = [annotated, legend, detections, downloads, message]
         inputs = [image, prompt, box_threshold, text_threshold, session]
         with examples_cache(config.models):
-            gr.Examples(OFFLINE_EXAMPLES if config.models.offline else EXAMPLES,
-                        inputs=[image, prompt], outputs=ui_outputs,
-                        fn=events.example_segment, cache_examples=True, cache_mode="lazy",
-                        label="Examples (synthetic scenes)")
+            gr.Examples(
+                OFFLINE_EXAMPLES if config.models.offline else EXAMPLES,
+                inputs=[image, prompt],
+                outputs=ui_outputs,
+                fn=events.example_segment,
+                cache_examples=True,
+                cache_mode="lazy",
+                label="Examples (synthetic scenes)",
+            )
         shared = dict(concurrency_id="models", concurrency_limit=1, preprocess=False)
-        gr.on([run.click, prompt.submit], events.ui_segment, inputs, [*ui_outputs, session],
-              validator=events.validate_run, api_visibility="private", **shared)
+        gr.on(
+            [run.click, prompt.submit],
+            events.ui_segment,
+            inputs,
+            [*ui_outputs, session],
+            validator=events.validate_run,
+            api_visibility="private",
+            **shared,
+        )
         for slider in (box_threshold, text_threshold):
-            slider.release(events.ui_rethreshold, inputs, [*ui_outputs, session],
-                           api_visibility="private", show_progress="minimal", **shared)
+            slider.release(
+                events.ui_rethreshold,
+                inputs,
+                [*ui_outputs, session],
+                api_visibility="private",
+                show_progress="minimal",
+                **shared,
+            )
         make_zip.click(events.ui_zip, inputs, downloads, api_visibility="private", **shared)
-        demo.load(events.load_on_page_open, outputs=status, api_visibility="private",
-                  concurrency_id="models", concurrency_limit=1)
+        demo.load(
+            events.load_on_page_open,
+            outputs=status,
+            api_visibility="private",
+            concurrency_id="models",
+            concurrency_limit=1,
+        )
 
         # API-only endpoints: hidden outputs, never triggered by the page.
         api_json = gr.JSON(label="detections", visible=False)
@@ -160,8 +225,14 @@ def build_demo(config: AppConfig) -> gr.Blocks:
         api_zip = gr.File(label="masks_zip", visible=False)
         api_inputs = [image, prompt, box_threshold, text_threshold]
         gr.on([], events.api_segment, api_inputs, api_json, api_name="segment", **shared)
-        gr.on([], events.api_annotate, api_inputs, [api_image, api_coco, api_zip],
-              api_name="annotate", **shared)
+        gr.on(
+            [],
+            events.api_annotate,
+            api_inputs,
+            [api_image, api_coco, api_zip],
+            api_name="annotate",
+            **shared,
+        )
     return demo
 
 
@@ -185,8 +256,13 @@ def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
     """Queue (one model call at a time) and serve; Spaces picks its own host and port."""
     host = {} if ON_SPACES else {"server_name": config.host, "server_port": config.port}
     return demo.queue(max_size=64).launch(
-        **host, max_file_size="25mb", theme=gr.themes.Soft(), css=CSS,
-        footer_links=["api", "gradio", "settings"], **kwargs)
+        **host,
+        max_file_size="25mb",
+        theme=gr.themes.Soft(),
+        css=CSS,
+        footer_links=["api", "gradio", "settings"],
+        **kwargs,
+    )
 
 
 if ON_SPACES:

@@ -14,8 +14,15 @@ from torchvision.ops import generalized_box_iou as _torchvision_generalized_box_
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     """`(..., 4)` centre/size boxes to corner boxes `(..., 4)`, same dtype."""
     center_x, center_y, width, height = boxes.unbind(-1)
-    return torch.stack([center_x - 0.5 * width, center_y - 0.5 * height,
-                        center_x + 0.5 * width, center_y + 0.5 * height], dim=-1)
+    return torch.stack(
+        [
+            center_x - 0.5 * width,
+            center_y - 0.5 * height,
+            center_x + 0.5 * width,
+            center_y + 0.5 * height,
+        ],
+        dim=-1,
+    )
 
 
 def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,13 @@ from grounding.native_format import is_native, load_native, read_native_config
 from grounding.predictor import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE, Detector
 
 
-def load_detector(checkpoint: str | os.PathLike | None = None, *,
-                  config: str | GroundingDINOConfig = "swint_ogc",
-                  text_encoder: str | os.PathLike | None = None,
-                  device: str | torch.device | None = None) -> Detector:
+def load_detector(
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    config: str | GroundingDINOConfig = "swint_ogc",
+    text_encoder: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> Detector:
     """A Grounding DINO detector with loaded weights, in eval mode, on `device`.
 
     Args:
@@ -56,11 +59,14 @@ def load_detector(checkpoint: str | os.PathLike | None = None, *,
         model = build_model(model_config)
         load_transformers(model, directory)
     else:
-        model_config = PRESETS[config]() if isinstance(config, str) and config in PRESETS \
-            else config
+        model_config = (
+            PRESETS[config]() if isinstance(config, str) and config in PRESETS else config
+        )
         if not isinstance(model_config, GroundingDINOConfig):
-            raise ValueError(f"unknown config {config!r}; choose one of {sorted(PRESETS)} "
-                             "or pass a GroundingDINOConfig")
+            raise ValueError(
+                f"unknown config {config!r}; choose one of {sorted(PRESETS)} "
+                "or pass a GroundingDINOConfig"
+            )
         if checkpoint is None:
             if not isinstance(config, str):
                 raise ValueError("a custom config has no official checkpoint: pass checkpoint=")
@@ -72,16 +78,21 @@ def load_detector(checkpoint: str | os.PathLike | None = None, *,
         model = build_model(model_config)
         load_official(model, checkpoint)
     tokenizer = BertTokenizer.from_pretrained(str(tokenizer_dir), do_lower_case=True)
-    image_size, max_size = _resize(Path(checkpoint)) if checkpoint is not None \
-        and Path(checkpoint).is_dir() else (DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE)
+    image_size, max_size = (
+        _resize(Path(checkpoint))
+        if checkpoint is not None and Path(checkpoint).is_dir()
+        else (DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE)
+    )
     return Detector(model, tokenizer, device=device, image_size=image_size, max_size=max_size)
 
 
 def _resize(directory: Path) -> tuple[int, int]:
     """(short side, longest side) a checkpoint directory's processor config asks for: transformers
     5's `processor_config.json` (also ours), 4.x's `preprocessor_config.json`, else 800 / 1333."""
-    for name, section in (("processor_config.json", "image_processor"),
-                          ("preprocessor_config.json", None)):
+    for name, section in (
+        ("processor_config.json", "image_processor"),
+        ("preprocessor_config.json", None),
+    ):
         path = directory / name
         if not path.is_file():
             continue
@@ -93,9 +104,15 @@ def _resize(directory: Path) -> tuple[int, int]:
     return DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE
 
 
-def save_detector(detector: Detector | GroundingDINO, directory: str | os.PathLike,
-                  tokenizer=None, *, dtype: torch.dtype = torch.float32,
-                  image_size: int | None = None, max_size: int | None = None) -> Path:
+def save_detector(
+    detector: Detector | GroundingDINO,
+    directory: str | os.PathLike,
+    tokenizer=None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
+    max_size: int | None = None,
+) -> Path:
     """Write a detector (or a bare model and `tokenizer`) as a directory `load_detector` reads.
 
     transformers' format (`transformers_format.save_pretrained`: transformers and the Hub read it
@@ -122,10 +139,14 @@ def save_detector(detector: Detector | GroundingDINO, directory: str | os.PathLi
 
 
 def _is_hub_id(checkpoint: str | os.PathLike) -> bool:
-    """"owner/name" that is not a local path and not a `.pth` file name."""
+    """ "owner/name" that is not a local path and not a `.pth` file name."""
     text = str(checkpoint)
-    return (not Path(text).exists() and text.count("/") == 1 and not text.endswith(".pth")
-            and not text.startswith((".", "/", "~")))
+    return (
+        not Path(text).exists()
+        and text.count("/") == 1
+        and not text.endswith(".pth")
+        and not text.startswith((".", "/", "~"))
+    )
 
 
 def _with_text_architecture(config: GroundingDINOConfig, directory: Path) -> GroundingDINOConfig:

@@ -79,8 +79,13 @@ class CaptionBuilder:
             as the concatenation of its names' tokens (not a WordPiece-style tokenizer).
     """
 
-    def __init__(self, category_names: Mapping[int, str], tokenizer, max_text_len: int = 256,
-                 distractor_words: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        category_names: Mapping[int, str],
+        tokenizer,
+        max_text_len: int = 256,
+        distractor_words: Sequence[str] = (),
+    ) -> None:
         self.max_text_len = max_text_len
         self.names = {int(cid): clean_category_name(name) for cid, name in category_names.items()}
         empty = [cid for cid, name in self.names.items() if not name]
@@ -88,8 +93,10 @@ class CaptionBuilder:
             raise ValueError(f"categories {empty} have no name left once cleaned")
         self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
         self.dot_id = tokenizer.convert_tokens_to_ids(".")
-        self.name_ids = {cid: list(tokenizer(name, add_special_tokens=False)["input_ids"])
-                         for cid, name in self.names.items()}
+        self.name_ids = {
+            cid: list(tokenizer(name, add_special_tokens=False)["input_ids"])
+            for cid, name in self.names.items()
+        }
         self._check_tokenization(tokenizer)
         self.distractor_words = list(distractor_words)
         self.distractor_ids = tokenizer.convert_tokens_to_ids(self.distractor_words)
@@ -98,12 +105,14 @@ class CaptionBuilder:
     def _check_tokenization(self, tokenizer) -> None:
         ids = list(self.names)
         for start in range(0, len(ids), _CHECK_CHUNK):
-            chunk = ids[start:start + _CHECK_CHUNK]
+            chunk = ids[start : start + _CHECK_CHUNK]
             caption = self.build(chunk, check_length=False)
             actual = list(tokenizer(caption.text)["input_ids"])
             if actual != caption.input_ids:
-                raise ValueError(f"the tokenizer does not split {caption.text!r} at its phrases "
-                                 "(expected a WordPiece tokenizer such as bert-base-uncased)")
+                raise ValueError(
+                    f"the tokenizer does not split {caption.text!r} at its phrases "
+                    "(expected a WordPiece tokenizer such as bert-base-uncased)"
+                )
 
     def length(self, category_ids: Sequence[int]) -> int:
         """Tokens of the caption naming `category_ids`, [CLS] and [SEP] included."""
@@ -116,10 +125,13 @@ class CaptionBuilder:
             ValueError: it would have more than `max_text_len` tokens.
         """
         if check_length and self.length(category_ids) > self.max_text_len:
-            raise ValueError(f"the caption of {len(category_ids)} names has "
-                             f"{self.length(category_ids)} tokens, over {self.max_text_len}")
-        return self._assemble([(int(cid), self.names[cid], self.name_ids[cid])
-                               for cid in category_ids])
+            raise ValueError(
+                f"the caption of {len(category_ids)} names has "
+                f"{self.length(category_ids)} tokens, over {self.max_text_len}"
+            )
+        return self._assemble(
+            [(int(cid), self.names[cid], self.name_ids[cid]) for cid in category_ids]
+        )
 
     def _assemble(self, phrases: Sequence[tuple[int, str, list[int]]]) -> Caption:
         """The caption of (category id, text, token ids) phrases, in this order."""
@@ -142,8 +154,13 @@ class CaptionBuilder:
             words, ids = ["a", *words], [self.article_id, *ids]
         return " ".join(words), ids
 
-    def sample(self, positive_ids: Sequence[int], negatives: int, rng: np.random.Generator,
-               distractors: int = 0) -> Caption:
+    def sample(
+        self,
+        positive_ids: Sequence[int],
+        negatives: int,
+        rng: np.random.Generator,
+        distractors: int = 0,
+    ) -> Caption:
         """Positives plus up to `negatives` random other categories and `distractors` distractor
         phrases (only with `distractor_words`), shuffled, fitted to length.
 
@@ -182,7 +199,12 @@ def distractor_vocabulary(tokenizer, category_names: Sequence[str]) -> list[str]
     pieces) that share no word with a category name and contain none of them ("circles" for
     "circle"): what distractor phrases are made of."""
     name_words = {word for name in category_names for word in clean_category_name(name).split()}
-    return sorted(token for token in tokenizer.get_vocab()
-                  if token.isascii() and token.isalpha() and token.islower()
-                  and len(token) >= _MIN_WORD_LENGTH
-                  and not any(word in token for word in name_words))
+    return sorted(
+        token
+        for token in tokenizer.get_vocab()
+        if token.isascii()
+        and token.isalpha()
+        and token.islower()
+        and len(token) >= _MIN_WORD_LENGTH
+        and not any(word in token for word in name_words)
+    )

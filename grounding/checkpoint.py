@@ -35,8 +35,10 @@ def official_rules(config: GroundingDINOConfig) -> list[Rule]:
     """Rules from official checkpoint keys (without `module.`) to ours."""
     return [
         # The shared box head, under both of its official names (checked equal when aliased).
-        (r"(?:transformer\.decoder\.)?bbox_embed\.\d+\.(layers\.\d+\.(?:weight|bias))",
-         r"bbox_embed.\1"),
+        (
+            r"(?:transformer\.decoder\.)?bbox_embed\.\d+\.(layers\.\d+\.(?:weight|bias))",
+            r"bbox_embed.\1",
+        ),
         *prefixed("backbone.0.", "backbone.", image_backbone.official_rules(config.backbone)),
         *prefixed("input_proj.", "input_proj.", _IDENTITY),
         (r"transformer\.level_embed", "level_embed"),
@@ -50,10 +52,12 @@ def official_rules(config: GroundingDINOConfig) -> list[Rule]:
 def transformers_rules(config: GroundingDINOConfig) -> list[Rule]:
     """Rules from transformers `GroundingDinoForObjectDetection` keys (current names) to ours."""
     return [
-        (r"(?:model\.decoder\.)?bbox_embed\.\d+\.(layers\.\d+\.(?:weight|bias))",
-         r"bbox_embed.\1"),
-        *prefixed("model.backbone.conv_encoder.model.", "backbone.",
-                  image_backbone.hf_rules(config.backbone)),
+        (r"(?:model\.decoder\.)?bbox_embed\.\d+\.(layers\.\d+\.(?:weight|bias))", r"bbox_embed.\1"),
+        *prefixed(
+            "model.backbone.conv_encoder.model.",
+            "backbone.",
+            image_backbone.hf_rules(config.backbone),
+        ),
         *prefixed("model.input_proj_vision.", "input_proj.", _IDENTITY),
         (r"model\.level_embed", "level_embed"),
         *text_backbone.HF_RULES,
@@ -66,10 +70,11 @@ def transformers_rules(config: GroundingDINOConfig) -> list[Rule]:
 # transformers 4.x names of the Swin backbone -> the names transformers 5 uses.
 _LEGACY_TRANSFORMERS_RULES: list[tuple[str, str]] = [
     (r"conv_encoder\.model\.(embeddings|encoder)\.", r"conv_encoder.model.swin.\1."),
-    (r"attention\.self\.relative_position_bias_table",
-     "attention.relative_position_bias.relative_position_bias_table"),
-    (r"attention\.self\.(query|key|value)\.",
-     lambda m: f"attention.{m.group(1)[0]}_proj."),
+    (
+        r"attention\.self\.relative_position_bias_table",
+        "attention.relative_position_bias.relative_position_bias_table",
+    ),
+    (r"attention\.self\.(query|key|value)\.", lambda m: f"attention.{m.group(1)[0]}_proj."),
     (r"attention\.output\.dense\.", "attention.o_proj."),
     (r"(blocks\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
     (r"(blocks\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
@@ -107,8 +112,10 @@ def read_transformers_config(directory: str | Path) -> GroundingDINOConfig:
     """Our config from the `config.json` of a transformers-format checkpoint directory."""
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a transformers-format checkpoint directory "
-                                "needs config.json and model.safetensors")
+        raise FileNotFoundError(
+            f"{path} not found: a transformers-format checkpoint directory "
+            "needs config.json and model.safetensors"
+        )
     with open(path, encoding="utf-8") as handle:
         return from_transformers_config(json.load(handle))
 
@@ -120,9 +127,11 @@ def load_transformers(model: nn.Module, directory: str | Path) -> dict[str, int]
     path = Path(directory) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    state_dict = {_modernise_transformers_key(key): value
-                  for key, value in load_file(str(path), device="cpu").items()
-                  if not _LEGACY_DROPPED.fullmatch(key)}
+    state_dict = {
+        _modernise_transformers_key(key): value
+        for key, value in load_file(str(path), device="cpu").items()
+        if not _LEGACY_DROPPED.fullmatch(key)
+    }
     renamed = rename_state_dict(state_dict, transformers_rules(model.config))
     load_strict(model, renamed, source=str(path))
     return {"checkpoint_keys": len(state_dict), "loaded_tensors": len(renamed)}
@@ -133,10 +142,11 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = [f"{key}: checkpoint {tuple(state_dict[key].shape)}, model "
-                   f"{tuple(expected[key].shape)}"
-                   for key in expected.keys() & state_dict.keys()
-                   if state_dict[key].shape != expected[key].shape]
+    wrong_shape = [
+        f"{key}: checkpoint {tuple(state_dict[key].shape)}, model {tuple(expected[key].shape)}"
+        for key in expected.keys() & state_dict.keys()
+        if state_dict[key].shape != expected[key].shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing from the checkpoint: {_shorten(missing)}")
@@ -145,8 +155,9 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source
     if wrong_shape:
         problems.append(f"shape mismatch: {_shorten(sorted(wrong_shape))}")
     if problems:
-        raise KeyMappingError(f"{source} does not fit this model ({model.config.backbone}): "
-                              + "; ".join(problems))
+        raise KeyMappingError(
+            f"{source} does not fit this model ({model.config.backbone}): " + "; ".join(problems)
+        )
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -96,8 +96,9 @@ def swint_ogc() -> GroundingDINOConfig:
 def swinb_cogcoor() -> GroundingDINOConfig:
     """Swin-B (window 12), the `groundingdino_swinb_cogcoor.pth` checkpoint."""
     return GroundingDINOConfig(
-        backbone=SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                            window_size=12)
+        backbone=SwinConfig(
+            embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12
+        )
     )
 
 
@@ -108,10 +109,22 @@ def tiny_config(vocab_size: int) -> GroundingDINOConfig:
     """A 1.5 M-parameter detector (1 M of it BERT's word embeddings) for smoke runs and tests."""
     return GroundingDINOConfig(
         backbone=SwinConfig(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4)),
-        text=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=64, vocab_size=vocab_size),
-        hidden_dim=32, num_queries=50, encoder_layers=1, decoder_layers=2, encoder_heads=4,
-        decoder_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)
+        text=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=vocab_size,
+        ),
+        hidden_dim=32,
+        num_queries=50,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_heads=4,
+        decoder_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    )
 
 
 def shapes_config(vocab_size: int) -> GroundingDINOConfig:
@@ -120,13 +133,27 @@ def shapes_config(vocab_size: int) -> GroundingDINOConfig:
     stochastic depth, and the scaled, biased contrastive head (`contrastive_bias`), which made a
     from-scratch probe learn the phrase alignment about 4x faster."""
     return GroundingDINOConfig(
-        backbone=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
-                            drop_path_rate=0.0),
-        text=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=128, vocab_size=vocab_size),
-        hidden_dim=64, num_queries=50, encoder_layers=2, decoder_layers=3, encoder_heads=4,
-        decoder_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, fusion_drop_path=0.0,
-        contrastive_bias=True)
+        backbone=SwinConfig(
+            embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0
+        ),
+        text=dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=vocab_size,
+        ),
+        hidden_dim=64,
+        num_queries=50,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_heads=4,
+        decoder_heads=4,
+        encoder_ffn_dim=256,
+        decoder_ffn_dim=256,
+        fusion_drop_path=0.0,
+        contrastive_bias=True,
+    )
 
 
 def from_transformers_config(config: dict[str, Any]) -> GroundingDINOConfig:
@@ -137,18 +164,25 @@ def from_transformers_config(config: dict[str, Any]) -> GroundingDINOConfig:
             change the architecture otherwise).
     """
     unsupported = {
-        "two_stage": True, "embedding_init_target": True, "decoder_bbox_embed_share": True,
-        "two_stage_bbox_embed_share": False, "query_dim": 4, "position_embedding_type": "sine",
+        "two_stage": True,
+        "embedding_init_target": True,
+        "decoder_bbox_embed_share": True,
+        "two_stage_bbox_embed_share": False,
+        "query_dim": 4,
+        "position_embedding_type": "sine",
         "activation_function": "relu",
     }
     for key, expected in unsupported.items():
         if config.get(key, expected) != expected:
-            raise ValueError(f"unsupported transformers config: {key}={config[key]!r} "
-                             f"(only {expected!r} is implemented)")
+            raise ValueError(
+                f"unsupported transformers config: {key}={config[key]!r} "
+                f"(only {expected!r} is implemented)"
+            )
     swin = dict(config.get("backbone_config") or {})
     if swin.get("model_type", "swin") != "swin":
-        raise ValueError(f"unsupported backbone {swin.get('model_type')!r}: "
-                         "only Swin is implemented")
+        raise ValueError(
+            f"unsupported backbone {swin.get('model_type')!r}: only Swin is implemented"
+        )
     # transformers counts the patch embedding as stage 0, so its out_indices are ours + 1.
     out_indices = tuple(i - 1 for i in swin.get("out_indices", [2, 3, 4]))
     backbone = SwinConfig(
@@ -162,8 +196,9 @@ def from_transformers_config(config: dict[str, Any]) -> GroundingDINOConfig:
         layer_norm_eps=swin.get("layer_norm_eps", 1e-5),
         drop_path_rate=swin.get("drop_path_rate", 0.2),
     )
-    text = {k: v for k, v in (config.get("text_config") or {}).items()
-            if k in BERT_ARCHITECTURE_KEYS}
+    text = {
+        k: v for k, v in (config.get("text_config") or {}).items() if k in BERT_ARCHITECTURE_KEYS
+    }
     return GroundingDINOConfig(
         backbone=backbone,
         text=text,
@@ -186,8 +221,16 @@ def from_transformers_config(config: dict[str, Any]) -> GroundingDINOConfig:
 
 
 BERT_ARCHITECTURE_KEYS = {
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "pad_token_id",
 }
 
 

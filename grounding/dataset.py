@@ -46,8 +46,10 @@ MIN_BOX_SIDE = 1.0
 _MAX_LOGGED = 20
 
 
-def load_image(path: str | os.PathLike, expected_size: tuple[int, int] | None = None,
-               ) -> Image.Image:
+def load_image(
+    path: str | os.PathLike,
+    expected_size: tuple[int, int] | None = None,
+) -> Image.Image:
     """An RGB image, turned upright by its EXIF orientation.
 
     When the upright image's size differs from `expected_size` (the annotation file's) but the
@@ -66,8 +68,10 @@ def load_image(path: str | os.PathLike, expected_size: tuple[int, int] | None = 
         upright = ImageOps.exif_transpose(opened)
         if expected_size is not None and upright.size != expected_size:
             if opened.size != expected_size:
-                raise ValueError(f"the image is {opened.size[0]} x {opened.size[1]} pixels, "
-                                 f"the annotations say {expected_size[0]} x {expected_size[1]}")
+                raise ValueError(
+                    f"the image is {opened.size[0]} x {opened.size[1]} pixels, "
+                    f"the annotations say {expected_size[0]} x {expected_size[1]}"
+                )
             upright = opened
         return upright.convert("RGB")
 
@@ -149,9 +153,15 @@ class GroundingBatch:
         return GroundingBatch(
             self.pixels.to(device),
             None if self.padding_mask is None else self.padding_mask.to(device),
-            self.input_ids.to(device), self.token_mask.to(device),
-            [target.to(device) for target in self.targets], self.image_ids,
-            self.original_sizes, self.captions, self.phrase_spans, self.phrase_category_ids)
+            self.input_ids.to(device),
+            self.token_mask.to(device),
+            [target.to(device) for target in self.targets],
+            self.image_ids,
+            self.original_sizes,
+            self.captions,
+            self.phrase_spans,
+            self.phrase_category_ids,
+        )
 
 
 class CocoGroundingDataset(Dataset):
@@ -183,10 +193,21 @@ class CocoGroundingDataset(Dataset):
         seed: base seed of every sample's randomness.
     """
 
-    def __init__(self, image_dir: str | os.PathLike, annotation_file: str | os.PathLike,
-                 tokenizer, *, train: bool, max_text_len: int = 256, negatives: int = 50,
-                 distractors: int = 0, sizes: Sequence[int] | None = None, max_size: int = 1333,
-                 flip_prob: float = 0.5, seed: int = 0) -> None:
+    def __init__(
+        self,
+        image_dir: str | os.PathLike,
+        annotation_file: str | os.PathLike,
+        tokenizer,
+        *,
+        train: bool,
+        max_text_len: int = 256,
+        negatives: int = 50,
+        distractors: int = 0,
+        sizes: Sequence[int] | None = None,
+        max_size: int = 1333,
+        flip_prob: float = 0.5,
+        seed: int = 0,
+    ) -> None:
         self.image_dir = Path(image_dir)
         self.train = train
         self.negatives = negatives
@@ -204,10 +225,14 @@ class CocoGroundingDataset(Dataset):
         for message in problems[:_MAX_LOGGED]:
             logger.warning("%s: %s", annotation_file, message)
         if len(problems) > _MAX_LOGGED:
-            logger.warning("%s: %d more problems skipped", annotation_file,
-                           len(problems) - _MAX_LOGGED)
-        words = distractor_vocabulary(tokenizer, list(self.categories.values())) \
-            if self.distractors > 0 else ()
+            logger.warning(
+                "%s: %d more problems skipped", annotation_file, len(problems) - _MAX_LOGGED
+            )
+        words = (
+            distractor_vocabulary(tokenizer, list(self.categories.values()))
+            if self.distractors > 0
+            else ()
+        )
         self.captions = CaptionBuilder(self.categories, tokenizer, max_text_len, words)
         self.max_text_len = max_text_len
         self.pad_token_id = tokenizer.pad_token_id
@@ -238,16 +263,16 @@ class CocoGroundingDataset(Dataset):
 
         entropy = (self.seed, self.epoch, index) if self.train else (self.seed, index)
         rng = np.random.default_rng(entropy)
-        caption = self.captions.sample(category_ids.tolist(), self.negatives, rng,
-                                       self.distractors)
+        caption = self.captions.sample(category_ids.tolist(), self.negatives, rng, self.distractors)
         spans = dict(zip(caption.category_ids, caption.phrase_spans, strict=True))
         keep = np.array([int(cid) in spans for cid in category_ids], dtype=bool)
         boxes, category_ids = boxes[keep], category_ids[keep]
 
         if self.train and rng.random() < self.flip_prob:
             image = ImageOps.mirror(image)
-            boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]],
-                             axis=1)
+            boxes = np.stack(
+                [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1
+            )
         size = int(rng.choice(self.sizes)) if self.train else max(self.sizes)
         pixels = preprocess(image, size, self.max_size)
 
@@ -259,15 +284,27 @@ class CocoGroundingDataset(Dataset):
         scale = np.array([width, height, width, height], dtype=np.float32)
         x0, y0, x1, y1 = (boxes / scale).T
         normalised = np.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=1)
-        target = DetectionTarget(torch.from_numpy(normalised.astype(np.float32)).reshape(-1, 4),
-                                 positive_map, torch.from_numpy(category_ids.astype(np.int64)))
-        return GroundingSample(pixels, torch.tensor(caption.input_ids, dtype=torch.long), target,
-                               record.image_id, (width, height), caption.text,
-                               caption.phrase_spans, caption.category_ids)
+        target = DetectionTarget(
+            torch.from_numpy(normalised.astype(np.float32)).reshape(-1, 4),
+            positive_map,
+            torch.from_numpy(category_ids.astype(np.int64)),
+        )
+        return GroundingSample(
+            pixels,
+            torch.tensor(caption.input_ids, dtype=torch.long),
+            target,
+            record.image_id,
+            (width, height),
+            caption.text,
+            caption.phrase_spans,
+            caption.category_ids,
+        )
 
 
-def collate(samples: Sequence[GroundingSample | None], pad_token_id: int = 0,
-            ) -> GroundingBatch | None:
+def collate(
+    samples: Sequence[GroundingSample | None],
+    pad_token_id: int = 0,
+) -> GroundingBatch | None:
     """Batch samples, dropping the Nones (unreadable images); None when none is left.
 
     Args:
@@ -332,8 +369,11 @@ def _read_records(coco: dict, category_ids: set[int], problems: list[str]) -> li
             problems.append(f"skipping malformed or repeated image {entry!r}")
             continue
         width, height = entry.get("width"), entry.get("height")
-        size = (width, height) if _is_int(width) and _is_int(height) and width > 0 and height > 0 \
+        size = (
+            (width, height)
+            if _is_int(width) and _is_int(height) and width > 0 and height > 0
             else None
+        )
         images[image_id] = (file_name, size)
 
     boxes: dict[int, list[list[float]]] = {image_id: [] for image_id in images}
@@ -349,8 +389,12 @@ def _read_records(coco: dict, category_ids: set[int], problems: list[str]) -> li
         box = [x, y, x + w, y + h]
         size = images[annotation["image_id"]][1]
         if size is not None:
-            box = [min(max(box[0], 0.0), size[0]), min(max(box[1], 0.0), size[1]),
-                   min(max(box[2], 0.0), size[0]), min(max(box[3], 0.0), size[1])]
+            box = [
+                min(max(box[0], 0.0), size[0]),
+                min(max(box[1], 0.0), size[1]),
+                min(max(box[2], 0.0), size[0]),
+                min(max(box[3], 0.0), size[1]),
+            ]
         boxes[annotation["image_id"]].append(box)
         labels[annotation["image_id"]].append(annotation["category_id"])
 
@@ -359,13 +403,23 @@ def _read_records(coco: dict, category_ids: set[int], problems: list[str]) -> li
         image_boxes = np.asarray(boxes[image_id], dtype=np.float32).reshape(-1, 4)
         image_labels = np.asarray(labels[image_id], dtype=np.int64)
         keep = _large_enough(image_boxes)
-        records.append(ImageRecord(image_id, images[image_id][0], images[image_id][1],
-                                   image_boxes[keep], image_labels[keep]))
+        records.append(
+            ImageRecord(
+                image_id,
+                images[image_id][0],
+                images[image_id][1],
+                image_boxes[keep],
+                image_labels[keep],
+            )
+        )
     return records
 
 
-def annotation_problem(annotation, image_ids: Container[int], category_ids: Container[int],
-                       ) -> str | None:
+def annotation_problem(
+    annotation,
+    image_ids: Container[int],
+    category_ids: Container[int],
+) -> str | None:
     """Why an annotation cannot be used (unknown image or category, bad bbox), or None."""
     if not isinstance(annotation, dict):
         return f"skipping malformed annotation {annotation!r}"
@@ -375,10 +429,16 @@ def annotation_problem(annotation, image_ids: Container[int], category_ids: Cont
     if annotation.get("category_id") not in category_ids:
         return f"skipping {name}: unknown category id {annotation.get('category_id')!r}"
     bbox = annotation.get("bbox")
-    if (not isinstance(bbox, list | tuple) or len(bbox) != 4
-            or not all(isinstance(value, int | float) and not isinstance(value, bool)
-                       and math.isfinite(value) for value in bbox)
-            or bbox[2] < 0 or bbox[3] < 0):
+    if (
+        not isinstance(bbox, list | tuple)
+        or len(bbox) != 4
+        or not all(
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            for value in bbox
+        )
+        or bbox[2] < 0
+        or bbox[3] < 0
+    ):
         return f"skipping {name}: bad bbox {bbox!r} (expected x, y, width, height >= 0)"
     return None
 

@@ -35,9 +35,13 @@ def _packed_attention_rules(hf_name: str, our_name: str) -> list[Rule]:
     """transformers' split query/key/value projections -> one `nn.MultiheadAttention`."""
     layer = r"layers\.(\d+)\."
     return [
-        *[(layer + rf"{hf_name}\.{part}\.(weight|bias)",
-           rf"layers.\1.{our_name}.in_proj_\2#{tag}")
-          for part, tag in (("query", "q"), ("key", "k"), ("value", "v"))],
+        *[
+            (
+                layer + rf"{hf_name}\.{part}\.(weight|bias)",
+                rf"layers.\1.{our_name}.in_proj_\2#{tag}",
+            )
+            for part, tag in (("query", "q"), ("key", "k"), ("value", "v"))
+        ],
         (layer + rf"{hf_name}\.out_proj\.(weight|bias)", rf"layers.\1.{our_name}.out_proj.\2"),
     ]
 
@@ -74,17 +78,27 @@ class CrossModalityDecoderLayer(nn.Module):
         self.ca_text = nn.MultiheadAttention(hidden_dim, heads, batch_first=True)
         self.catext_norm = nn.LayerNorm(hidden_dim, eps=eps)
         self.cross_attn = MultiScaleDeformableAttention(
-            hidden_dim=hidden_dim, num_heads=heads, num_levels=config.num_feature_levels,
-            num_points=config.decoder_points)
+            hidden_dim=hidden_dim,
+            num_heads=heads,
+            num_levels=config.num_feature_levels,
+            num_points=config.decoder_points,
+        )
         self.norm1 = nn.LayerNorm(hidden_dim, eps=eps)
         self.linear1 = nn.Linear(hidden_dim, config.decoder_ffn_dim)
         self.linear2 = nn.Linear(config.decoder_ffn_dim, hidden_dim)
         self.norm3 = nn.LayerNorm(hidden_dim, eps=eps)
 
-    def forward(self, target: torch.Tensor, query_pos: torch.Tensor,
-                reference_boxes: torch.Tensor, vision: torch.Tensor,
-                vision_padding_mask: torch.Tensor | None, spatial_shapes: list[tuple[int, int]],
-                text: torch.Tensor, text_token_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        target: torch.Tensor,
+        query_pos: torch.Tensor,
+        reference_boxes: torch.Tensor,
+        vision: torch.Tensor,
+        vision_padding_mask: torch.Tensor | None,
+        spatial_shapes: list[tuple[int, int]],
+        text: torch.Tensor,
+        text_token_mask: torch.Tensor,
+    ) -> torch.Tensor:
         """Refine the queries once.
 
         Args:
@@ -104,12 +118,14 @@ class CrossModalityDecoderLayer(nn.Module):
         attended = self.self_attn(query, key, target, need_weights=False)[0]
         target = self.norm2(target + attended)
 
-        attended = self.ca_text(target + query_pos, text, text,
-                                key_padding_mask=~text_token_mask, need_weights=False)[0]
+        attended = self.ca_text(
+            target + query_pos, text, text, key_padding_mask=~text_token_mask, need_weights=False
+        )[0]
         target = self.catext_norm(target + attended)
 
-        attended = self.cross_attn(target + query_pos, reference_boxes, vision, spatial_shapes,
-                                   vision_padding_mask)
+        attended = self.cross_attn(
+            target + query_pos, reference_boxes, vision, spatial_shapes, vision_padding_mask
+        )
         target = self.norm1(target + attended)
 
         return self.norm3(target + self.linear2(torch.relu(self.linear1(target))))
@@ -121,16 +137,25 @@ class CrossModalityDecoder(nn.Module):
     def __init__(self, config: GroundingDINOConfig) -> None:
         super().__init__()
         hidden_dim = config.hidden_dim
-        self.layers = nn.ModuleList(CrossModalityDecoderLayer(config)
-                                    for _ in range(config.decoder_layers))
+        self.layers = nn.ModuleList(
+            CrossModalityDecoderLayer(config) for _ in range(config.decoder_layers)
+        )
         self.norm = nn.LayerNorm(hidden_dim, eps=config.layer_norm_eps)
         # Box sine embedding (4 * hidden_dim / 2 features) -> query position embedding.
         self.ref_point_head = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)
 
-    def forward(self, target: torch.Tensor, reference_boxes: torch.Tensor, vision: torch.Tensor,
-                vision_padding_mask: torch.Tensor | None, spatial_shapes: list[tuple[int, int]],
-                valid_ratios: torch.Tensor, text: torch.Tensor, text_token_mask: torch.Tensor,
-                bbox_head: MLP) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        target: torch.Tensor,
+        reference_boxes: torch.Tensor,
+        vision: torch.Tensor,
+        vision_padding_mask: torch.Tensor | None,
+        spatial_shapes: list[tuple[int, int]],
+        valid_ratios: torch.Tensor,
+        text: torch.Tensor,
+        text_token_mask: torch.Tensor,
+        bbox_head: MLP,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run all layers.
 
         Args:
@@ -159,8 +184,16 @@ class CrossModalityDecoder(nn.Module):
         for layer in self.layers:
             scaled_reference = reference[:, :, None] * ratios  # (B, Q, L, 4)
             query_pos = self.ref_point_head(box_position_embedding(reference, num_feats))
-            output = layer(output, query_pos, scaled_reference, vision, vision_padding_mask,
-                           spatial_shapes, text, text_token_mask)
+            output = layer(
+                output,
+                query_pos,
+                scaled_reference,
+                vision,
+                vision_padding_mask,
+                spatial_shapes,
+                text,
+                text_token_mask,
+            )
             # The box head sees the un-normalised output, as in the reference.
             refined = (bbox_head(output) + inverse_sigmoid(reference)).sigmoid()
             references.append(refined)

@@ -24,9 +24,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def multi_scale_deformable_attention(value: Tensor, spatial_shapes: list[tuple[int, int]],
-                                     sampling_locations: Tensor, attention_weights: Tensor,
-                                     ) -> Tensor:
+def multi_scale_deformable_attention(
+    value: Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
     """Weighted sum of bilinearly sampled values over levels and points.
 
     Sampling runs in float32 for float16 / bfloat16 inputs (the reference CUDA kernel casts half
@@ -53,18 +56,25 @@ def multi_scale_deformable_attention(value: Tensor, spatial_shapes: list[tuple[i
     sampled = []
     for level, (height, width) in enumerate(spatial_shapes):
         # (B, H*W, heads, head_dim) -> (B, heads, head_dim, H*W) -> (B*heads, head_dim, H, W)
-        value_l = value_levels[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height,
-                                                                  width)
+        value_l = (
+            value_levels[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
+        )
         # (B, Q, heads, points, 2) -> (B, heads, Q, points, 2) -> (B*heads, Q, points, 2)
         grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         # (B*heads, head_dim, Q, points)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))
+        sampled.append(
+            F.grid_sample(
+                value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+        )
     # (B*heads, head_dim, Q, levels, points) -> (B*heads, head_dim, Q, levels*points)
     stacked = torch.stack(sampled, dim=-2).flatten(-2)
     # (B, Q, heads, levels, points) -> (B, heads, Q, levels, points) -> (B*heads, 1, Q, L*P)
-    weights = attention_weights.to(dtype).transpose(1, 2).reshape(batch * heads, 1, queries,
-                                                                 levels * points)
+    weights = (
+        attention_weights.to(dtype)
+        .transpose(1, 2)
+        .reshape(batch * heads, 1, queries, levels * points)
+    )
     # (B*heads, head_dim, Q) -> (B, heads*head_dim, Q)
     output = (stacked * weights).sum(-1).view(batch, heads * head_dim, queries)
     return output.transpose(1, 2).to(value.dtype)  # (B, Q, heads*head_dim)
@@ -80,8 +90,9 @@ class MultiScaleDeformableAttention(nn.Module):
         num_points: sampling points per head and level.
     """
 
-    def __init__(self, *, hidden_dim: int, num_heads: int, num_levels: int, num_points: int
-                 ) -> None:
+    def __init__(
+        self, *, hidden_dim: int, num_heads: int, num_levels: int, num_points: int
+    ) -> None:
         super().__init__()
         if hidden_dim % num_heads != 0:
             raise ValueError(f"hidden_dim {hidden_dim} is not divisible by num_heads {num_heads}")
@@ -105,8 +116,9 @@ class MultiScaleDeformableAttention(nn.Module):
         directions = torch.stack([thetas.cos(), thetas.sin()], -1)  # (heads, 2)
         directions = directions / directions.abs().max(-1, keepdim=True)[0]
         # (heads, 2) -> (heads, levels, points, 2)
-        grid = directions.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels,
-                                                               self.num_points, 1)
+        grid = directions.view(self.num_heads, 1, 1, 2).repeat(
+            1, self.num_levels, self.num_points, 1
+        )
         grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(grid.view(-1))
@@ -117,9 +129,14 @@ class MultiScaleDeformableAttention(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
-    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor,
-                spatial_shapes: list[tuple[int, int]], value_padding_mask: Tensor | None = None,
-                ) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        value_padding_mask: Tensor | None = None,
+    ) -> Tensor:
         """Attend from every query to its sampling locations.
 
         Args:
@@ -146,23 +163,31 @@ class MultiScaleDeformableAttention(nn.Module):
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
         value = value.view(batch, length, heads, self.hidden_dim // heads)
         dtype = _compute_dtype(query.dtype)
-        offsets = self.sampling_offsets(query).to(dtype).view(batch, queries, heads, levels,
-                                                              points, 2)
+        offsets = (
+            self.sampling_offsets(query).to(dtype).view(batch, queries, heads, levels, points, 2)
+        )
         # softmax over the levels*points slots of each head
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
         reference_points = reference_points.to(dtype)
         if reference_points.shape[-1] == 2:
             # (levels, 2) as (W_l, H_l): offsets are in cells of each level
-            normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype,
-                                      device=query.device)
-            locations = (reference_points[:, :, None, :, None, :]
-                         + offsets / normaliser[None, None, None, :, None, :])
+            normaliser = torch.tensor(
+                [[w, h] for h, w in spatial_shapes], dtype=dtype, device=query.device
+            )
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normaliser[None, None, None, :, None, :]
+            )
         elif reference_points.shape[-1] == 4:
-            locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
         else:
-            raise ValueError("reference_points must end in 2 (points) or 4 (boxes), got "
-                             f"{reference_points.shape[-1]}")
+            raise ValueError(
+                "reference_points must end in 2 (points) or 4 (boxes), got "
+                f"{reference_points.shape[-1]}"
+            )
         output = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
         return self.output_proj(output)

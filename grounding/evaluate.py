@@ -49,8 +49,20 @@ from grounding.transforms import batch_images, preprocess
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl",
-                "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+SUMMARY_KEYS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
 
 
 @dataclass
@@ -79,8 +91,12 @@ def read_annotations(annotations: str | os.PathLike | dict) -> dict:
 
 
 @torch.inference_mode()
-def infer_batch(detector: Detector, images: Sequence[Tensor],
-                image_sizes: Sequence[tuple[int, int]], caption: str) -> list[RawPrediction]:
+def infer_batch(
+    detector: Detector,
+    images: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    caption: str,
+) -> list[RawPrediction]:
     """`Detector.infer` for a batch of images with one caption.
 
     Args:
@@ -94,8 +110,9 @@ def infer_batch(detector: Detector, images: Sequence[Tensor],
     pixels, padding_mask = batch_images(list(images))
     padding_mask = padding_mask if bool(padding_mask.any()) else None
     model, device = detector.model, detector.device
-    features = model.encode_image(pixels.to(device),
-                                  None if padding_mask is None else padding_mask.to(device))
+    features = model.encode_image(
+        pixels.to(device), None if padding_mask is None else padding_mask.to(device)
+    )
     token_ids = detector.tokenizer(caption)["input_ids"]
     chunks: list[list[tuple[list[int], Tensor, Tensor]]] = [[] for _ in images]
     for ids in split_caption_tokens(token_ids, detector.max_text_len, detector.separator_ids):
@@ -104,15 +121,24 @@ def infer_batch(detector: Detector, images: Sequence[Tensor],
         text_masks = sub_sentence_masks(input_ids, token_mask, detector.special_token_ids)
         output = model.ground(features, input_ids, token_mask, text_masks=text_masks)
         for row in range(len(images)):
-            chunks[row].append((ids, output.logits[row].float().cpu(),
-                                output.boxes[row].float().cpu()))
-    return [RawPrediction(chunks=image_chunks, image_size=tuple(size))
-            for image_chunks, size in zip(chunks, image_sizes, strict=True)]
+            chunks[row].append(
+                (ids, output.logits[row].float().cpu(), output.boxes[row].float().cpu())
+            )
+    return [
+        RawPrediction(chunks=image_chunks, image_size=tuple(size))
+        for image_chunks, size in zip(chunks, image_sizes, strict=True)
+    ]
 
 
-def category_detections(raw: RawPrediction, phrase_category_ids: Sequence[int],
-                        special_token_ids: Sequence[int], image_id: int, *,
-                        max_detections: int = 300, score_threshold: float = 0.0) -> list[dict]:
+def category_detections(
+    raw: RawPrediction,
+    phrase_category_ids: Sequence[int],
+    special_token_ids: Sequence[int],
+    image_id: int,
+    *,
+    max_detections: int = 300,
+    score_threshold: float = 0.0,
+) -> list[dict]:
     """The best (query, category) pairs of one image as COCO results.
 
     A pair's score is the mean sigmoid probability of the category's tokens (the reference's
@@ -142,8 +168,9 @@ def category_detections(raw: RawPrediction, phrase_category_ids: Sequence[int],
         phrases.append((torch.arange(len(spans)) + offset).repeat(queries))
         offset += len(spans)
     if offset != len(phrase_category_ids):
-        raise ValueError(f"the prompt has {offset} phrases for {len(phrase_category_ids)} "
-                         "categories")
+        raise ValueError(
+            f"the prompt has {offset} phrases for {len(phrase_category_ids)} categories"
+        )
     scores, boxes, phrases = torch.cat(scores), torch.cat(boxes), torch.cat(phrases)
     best = scores.topk(min(max_detections, scores.numel())).indices
     best = best[scores[best] > score_threshold]
@@ -152,12 +179,22 @@ def category_detections(raw: RawPrediction, phrase_category_ids: Sequence[int],
     corners[:, 0::2] = corners[:, 0::2].clamp(0, width)
     corners[:, 1::2] = corners[:, 1::2].clamp(0, height)
     category_ids = torch.tensor(list(phrase_category_ids))[phrases[best]]
-    return [{"image_id": int(image_id), "category_id": int(category),
-             "bbox": [round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2),
-                      round(float(y1 - y0), 2)],
-             "score": round(float(score), 5)}
-            for (x0, y0, x1, y1), category, score in zip(corners.tolist(), category_ids.tolist(),
-                                                         scores[best].tolist(), strict=True)]
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(category),
+            "bbox": [
+                round(float(x0), 2),
+                round(float(y0), 2),
+                round(float(x1 - x0), 2),
+                round(float(y1 - y0), 2),
+            ],
+            "score": round(float(score), 5),
+        }
+        for (x0, y0, x1, y1), category, score in zip(
+            corners.tolist(), category_ids.tolist(), scores[best].tolist(), strict=True
+        )
+    ]
 
 
 class _EvaluationImages(Dataset):
@@ -171,8 +208,9 @@ class _EvaluationImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, tuple[int, int]]:
         entry = self.images[index]
-        expected = (entry["width"], entry["height"]) if "width" in entry and "height" in entry \
-            else None
+        expected = (
+            (entry["width"], entry["height"]) if "width" in entry and "height" in entry else None
+        )
         path = self.image_dir / entry["file_name"]
         try:
             image = load_image(path, expected)
@@ -182,11 +220,20 @@ class _EvaluationImages(Dataset):
         return entry["id"], preprocess(image, self.size, self.max_size), image.size
 
 
-def predict_dataset(detector: Detector, image_dir: str | os.PathLike,
-                    annotations: str | os.PathLike | dict, *, batch_size: int = 1,
-                    max_images: int | None = None, score_threshold: float = 0.0,
-                    max_detections: int = 300, size: int = 800, max_size: int = 1333,
-                    workers: int = 0, progress: bool = False) -> Predictions:
+def predict_dataset(
+    detector: Detector,
+    image_dir: str | os.PathLike,
+    annotations: str | os.PathLike | dict,
+    *,
+    batch_size: int = 1,
+    max_images: int | None = None,
+    score_threshold: float = 0.0,
+    max_detections: int = 300,
+    size: int = 800,
+    max_size: int = 1333,
+    workers: int = 0,
+    progress: bool = False,
+) -> Predictions:
     """Detections of every category in the dataset's images (in image id order).
 
     `Detector(model, tokenizer)` wraps a model being trained; it sets the model to eval mode, so
@@ -210,28 +257,44 @@ def predict_dataset(detector: Detector, image_dir: str | os.PathLike,
     prompt = category_prompt([category["name"] for category in categories])
     category_ids = [int(category["id"]) for category in categories]
     images = sorted(coco["images"], key=lambda entry: entry["id"])[:max_images]
-    loader = DataLoader(_EvaluationImages(Path(image_dir), images, size, max_size),
-                        batch_size=batch_size, num_workers=workers, collate_fn=list)
+    loader = DataLoader(
+        _EvaluationImages(Path(image_dir), images, size, max_size),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=list,
+    )
     results, done, skipped = [], [], []
-    with tqdm(total=len(images), desc="evaluating", unit="image", disable=not progress,
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=len(images), desc="evaluating", unit="image", disable=not progress, file=sys.stderr
+    ) as bar:
         for batch in loader:
             readable = [item for item in batch if item[1] is not None]
             skipped.extend(image_id for image_id, pixels, _ in batch if pixels is None)
             if readable:
-                raws = infer_batch(detector, [item[1] for item in readable],
-                                   [item[2] for item in readable], prompt)
+                raws = infer_batch(
+                    detector, [item[1] for item in readable], [item[2] for item in readable], prompt
+                )
                 for (image_id, _, _), raw in zip(readable, raws, strict=True):
-                    results.extend(category_detections(
-                        raw, category_ids, detector.special_token_ids, image_id,
-                        max_detections=max_detections, score_threshold=score_threshold))
+                    results.extend(
+                        category_detections(
+                            raw,
+                            category_ids,
+                            detector.special_token_ids,
+                            image_id,
+                            max_detections=max_detections,
+                            score_threshold=score_threshold,
+                        )
+                    )
                     done.append(image_id)
             bar.update(len(batch))
     return Predictions(results, done, skipped, prompt)
 
 
-def evaluate_predictions(annotations: str | os.PathLike | dict, results: Sequence[dict],
-                         image_ids: Sequence[int] | None = None) -> dict:
+def evaluate_predictions(
+    annotations: str | os.PathLike | dict,
+    results: Sequence[dict],
+    image_ids: Sequence[int] | None = None,
+) -> dict:
     """COCO box AP of `results` against the ground truth.
 
     Args:
@@ -250,12 +313,23 @@ def evaluate_predictions(annotations: str | os.PathLike | dict, results: Sequenc
     from pycocotools.cocoeval import COCOeval
 
     ground_truth = _ground_truth(read_annotations(annotations))
-    detections = [{**result, "id": index + 1, "iscrowd": 0,
-                   "area": float(result["bbox"][2]) * float(result["bbox"][3])}
-                  for index, result in enumerate(results)]
+    detections = [
+        {
+            **result,
+            "id": index + 1,
+            "iscrowd": 0,
+            "area": float(result["bbox"][2]) * float(result["bbox"][3]),
+        }
+        for index, result in enumerate(results)
+    ]
     gt = _coco_api(ground_truth)
-    dt = _coco_api({"images": ground_truth["images"], "categories": ground_truth["categories"],
-                    "annotations": detections})
+    dt = _coco_api(
+        {
+            "images": ground_truth["images"],
+            "categories": ground_truth["categories"],
+            "annotations": detections,
+        }
+    )
     evaluation = COCOeval(gt, dt, "bbox")
     if image_ids is not None:
         evaluation.params.imgIds = sorted(int(image_id) for image_id in image_ids)
@@ -263,8 +337,10 @@ def evaluate_predictions(annotations: str | os.PathLike | dict, results: Sequenc
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    metrics: dict = {key: (None if value < 0 else float(value))
-                     for key, value in zip(SUMMARY_KEYS, evaluation.stats, strict=True)}
+    metrics: dict = {
+        key: (None if value < 0 else float(value))
+        for key, value in zip(SUMMARY_KEYS, evaluation.stats, strict=True)
+    }
     # precision: (iou thresholds, recall thresholds, categories, area ranges, max detections)
     precision = evaluation.eval["precision"]
     names = {category["id"]: category["name"] for category in ground_truth["categories"]}
@@ -272,8 +348,13 @@ def evaluate_predictions(annotations: str | os.PathLike | dict, results: Sequenc
     for index, category_id in enumerate(evaluation.params.catIds):
         values = precision[:, :, index, 0, -1]  # area "all", 100 detections
         valid = values[values > -1]
-        per_category.append({"category_id": int(category_id), "name": names[category_id],
-                             "AP": float(valid.mean()) if valid.size else None})
+        per_category.append(
+            {
+                "category_id": int(category_id),
+                "name": names[category_id],
+                "AP": float(valid.mean()) if valid.size else None,
+            }
+        )
     metrics["per_category"] = per_category
     metrics["images"] = len(evaluation.params.imgIds)
     metrics["detections"] = len(detections)
@@ -282,16 +363,21 @@ def evaluate_predictions(annotations: str | os.PathLike | dict, results: Sequenc
 
 def format_metrics(metrics: dict) -> str:
     """The summary and per-category AP as a text table (percentages; "-" for no ground truth)."""
+
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}"
 
     keys = SUMMARY_KEYS[:6]
-    lines = ["  ".join(f"{key:>6}" for key in keys),
-             "  ".join(f"{cell(metrics[key]):>6}" for key in keys), ""]
+    lines = [
+        "  ".join(f"{key:>6}" for key in keys),
+        "  ".join(f"{cell(metrics[key]):>6}" for key in keys),
+        "",
+    ]
     width = max([len(entry["name"]) for entry in metrics["per_category"]] + [8])
     lines.append(f"{'category':<{width}}  {'AP':>6}")
-    lines.extend(f"{entry['name']:<{width}}  {cell(entry['AP']):>6}"
-                 for entry in metrics["per_category"])
+    lines.extend(
+        f"{entry['name']:<{width}}  {cell(entry['AP']):>6}" for entry in metrics["per_category"]
+    )
     return "\n".join(lines)
 
 
@@ -306,10 +392,14 @@ def _ground_truth(coco: dict) -> dict:
             logger.warning("ground truth: %s", problem)
             continue
         x, y, w, h = annotation["bbox"]
-        annotations.append({"id": index + 1, "iscrowd": 0, "area": float(w) * float(h),
-                            **annotation})
-    return {"images": coco.get("images", []), "categories": coco.get("categories", []),
-            "annotations": annotations}
+        annotations.append(
+            {"id": index + 1, "iscrowd": 0, "area": float(w) * float(h), **annotation}
+        )
+    return {
+        "images": coco.get("images", []),
+        "categories": coco.get("categories", []),
+        "annotations": annotations,
+    }
 
 
 def _coco_api(dataset: dict):
@@ -324,29 +414,51 @@ def _coco_api(dataset: dict):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m grounding.evaluate",
-                                     description="COCO box AP of a Grounding DINO checkpoint.")
-    parser.add_argument("--checkpoint", default=None,
-                        help="official .pth, transformers-format directory or Hub id "
-                             "(default: $GROUNDING_DINO_CHECKPOINT, else the official file)")
-    parser.add_argument("--config", default="swint_ogc",
-                        help="architecture of a .pth: swint_ogc or swinb_cogcoor")
-    parser.add_argument("--text-encoder", default=None,
-                        help="BERT directory or Hub id for the tokenizer (see load_detector)")
+    parser = argparse.ArgumentParser(
+        prog="python -m grounding.evaluate",
+        description="COCO box AP of a Grounding DINO checkpoint.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="official .pth, transformers-format directory or Hub id "
+        "(default: $GROUNDING_DINO_CHECKPOINT, else the official file)",
+    )
+    parser.add_argument(
+        "--config", default="swint_ogc", help="architecture of a .pth: swint_ogc or swinb_cogcoor"
+    )
+    parser.add_argument(
+        "--text-encoder",
+        default=None,
+        help="BERT directory or Hub id for the tokenizer (see load_detector)",
+    )
     parser.add_argument("--images", type=Path, required=True, help="image folder")
     parser.add_argument("--annotations", type=Path, required=True, help="COCO JSON")
     parser.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
-    parser.add_argument("--detections", type=Path, default=None,
-                        help="also write the COCO results (detections) JSON here")
-    parser.add_argument("--box-threshold", type=float, default=0.0,
-                        help="drop (box, category) pairs scoring at most this (default 0.0)")
-    parser.add_argument("--max-detections", type=int, default=300,
-                        help="pairs kept per image (default 300, as the reference)")
+    parser.add_argument(
+        "--detections",
+        type=Path,
+        default=None,
+        help="also write the COCO results (detections) JSON here",
+    )
+    parser.add_argument(
+        "--box-threshold",
+        type=float,
+        default=0.0,
+        help="drop (box, category) pairs scoring at most this (default 0.0)",
+    )
+    parser.add_argument(
+        "--max-detections",
+        type=int,
+        default=300,
+        help="pairs kept per image (default 300, as the reference)",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="image-reading processes")
-    parser.add_argument("--max-images", type=int, default=None,
-                        help="evaluate the first N images (by id) only")
+    parser.add_argument(
+        "--max-images", type=int, default=None, help="evaluate the first N images (by id) only"
+    )
     parser.add_argument("--size", type=int, default=800, help="short side after resizing")
     parser.add_argument("--max-size", type=int, default=1333, help="longest side after resizing")
     args = parser.parse_args(argv)
@@ -371,27 +483,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     from grounding.build import load_detector
 
     try:
-        detector = load_detector(args.checkpoint, config=args.config,
-                                 text_encoder=args.text_encoder, device=args.device)
+        detector = load_detector(
+            args.checkpoint, config=args.config, text_encoder=args.text_encoder, device=args.device
+        )
     except (OSError, ValueError, RuntimeError) as error:
         print(f"error: could not load the detector: {error}", file=sys.stderr)
         return 1
     annotations = read_annotations(args.annotations)
     predictions = predict_dataset(
-        detector, args.images, annotations, batch_size=args.batch_size,
-        max_images=args.max_images, score_threshold=args.box_threshold,
-        max_detections=args.max_detections, size=args.size, max_size=args.max_size,
-        workers=args.workers, progress=True)
+        detector,
+        args.images,
+        annotations,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        score_threshold=args.box_threshold,
+        max_detections=args.max_detections,
+        size=args.size,
+        max_size=args.max_size,
+        workers=args.workers,
+        progress=True,
+    )
     if not predictions.image_ids:
         print("error: no image could be read", file=sys.stderr)
         return 1
     metrics = evaluate_predictions(annotations, predictions.results, predictions.image_ids)
     print(format_metrics(metrics))
-    report = {"checkpoint": str(args.checkpoint), "annotations": str(args.annotations),
-              "images": str(args.images), "prompt": predictions.prompt,
-              "image_ids": predictions.image_ids,
-              "skipped_image_ids": predictions.skipped_image_ids,
-              "size": [args.size, args.max_size], "metrics": metrics}
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "annotations": str(args.annotations),
+        "images": str(args.images),
+        "prompt": predictions.prompt,
+        "image_ids": predictions.image_ids,
+        "skipped_image_ids": predictions.skipped_image_ids,
+        "size": [args.size, args.max_size],
+        "metrics": metrics,
+    }
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

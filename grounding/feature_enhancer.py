@@ -50,8 +50,14 @@ class BiMultiHeadAttention(nn.Module):
         self.values_l_proj = nn.Linear(hidden_dim, embed_dim)
         self.out_v_proj = nn.Linear(embed_dim, hidden_dim)
         self.out_l_proj = nn.Linear(embed_dim, hidden_dim)
-        for linear in (self.v_proj, self.l_proj, self.values_v_proj, self.values_l_proj,
-                       self.out_v_proj, self.out_l_proj):
+        for linear in (
+            self.v_proj,
+            self.l_proj,
+            self.values_v_proj,
+            self.values_l_proj,
+            self.out_v_proj,
+            self.out_l_proj,
+        ):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
@@ -72,8 +78,13 @@ class BiMultiHeadAttention(nn.Module):
         batch, length = padding_mask.shape
         return padding_mask[:, None, None, :].expand(batch, self.num_heads, 1, length).flatten(0, 1)
 
-    def forward(self, vision: Tensor, text: Tensor, vision_padding_mask: Tensor | None,
-                text_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        vision: Tensor,
+        text: Tensor,
+        vision_padding_mask: Tensor | None,
+        text_padding_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
         """Cross-attend both ways.
 
         Args:
@@ -100,8 +111,9 @@ class BiMultiHeadAttention(nn.Module):
         text_scores = text_scores - text_scores.max(dim=-1, keepdim=True)[0]
         text_scores = text_scores.clamp(-_FUSION_CLAMP, _FUSION_CLAMP)
         if vision_padding_mask is not None:
-            text_scores = text_scores.masked_fill(self._per_head(vision_padding_mask),
-                                                  float("-inf"))
+            text_scores = text_scores.masked_fill(
+                self._per_head(vision_padding_mask), float("-inf")
+            )
         if text_padding_mask is not None:
             scores = scores.masked_fill(self._per_head(text_padding_mask), float("-inf"))
         delta_vision = torch.bmm(scores.softmax(dim=-1), text_values)  # (B*heads, S, d)
@@ -126,20 +138,33 @@ class BiAttentionBlock(nn.Module):
         layer_norm_eps: LayerNorm epsilon.
     """
 
-    def __init__(self, *, hidden_dim: int, embed_dim: int, num_heads: int,
-                 drop_path: float = 0.1, init_values: float = 1e-4,
-                 layer_norm_eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        *,
+        hidden_dim: int,
+        embed_dim: int,
+        num_heads: int,
+        drop_path: float = 0.1,
+        init_values: float = 1e-4,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.layer_norm_v = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
         self.layer_norm_l = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
-        self.attn = BiMultiHeadAttention(hidden_dim=hidden_dim, embed_dim=embed_dim,
-                                         num_heads=num_heads)
+        self.attn = BiMultiHeadAttention(
+            hidden_dim=hidden_dim, embed_dim=embed_dim, num_heads=num_heads
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.gamma_v = nn.Parameter(torch.full((hidden_dim,), init_values))
         self.gamma_l = nn.Parameter(torch.full((hidden_dim,), init_values))
 
-    def forward(self, vision: Tensor, text: Tensor, vision_padding_mask: Tensor | None,
-                text_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        vision: Tensor,
+        text: Tensor,
+        vision_padding_mask: Tensor | None,
+        text_padding_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
         """Args and returns as `BiMultiHeadAttention`, returning the updated tokens."""
         vision = self.layer_norm_v(vision)
         text = self.layer_norm_l(text)
@@ -159,8 +184,9 @@ class TextEnhancerLayer(nn.Module):
         layer_norm_eps: LayerNorm epsilon.
     """
 
-    def __init__(self, *, hidden_dim: int, num_heads: int, ffn_dim: int,
-                 layer_norm_eps: float = 1e-5) -> None:
+    def __init__(
+        self, *, hidden_dim: int, num_heads: int, ffn_dim: int, layer_norm_eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)
@@ -204,20 +230,33 @@ class DeformableEncoderLayer(nn.Module):
         layer_norm_eps: LayerNorm epsilon.
     """
 
-    def __init__(self, *, hidden_dim: int, num_heads: int, num_levels: int, num_points: int,
-                 ffn_dim: int, layer_norm_eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        *,
+        hidden_dim: int,
+        num_heads: int,
+        num_levels: int,
+        num_points: int,
+        ffn_dim: int,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
         super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(hidden_dim=hidden_dim, num_heads=num_heads,
-                                                       num_levels=num_levels,
-                                                       num_points=num_points)
+        self.self_attn = MultiScaleDeformableAttention(
+            hidden_dim=hidden_dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
+        )
         self.norm1 = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
         self.linear1 = nn.Linear(hidden_dim, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, hidden_dim)
         self.norm2 = nn.LayerNorm(hidden_dim, eps=layer_norm_eps)
 
-    def forward(self, vision: Tensor, vision_pos: Tensor, reference_points: Tensor,
-                spatial_shapes: list[tuple[int, int]], vision_padding_mask: Tensor | None
-                ) -> Tensor:
+    def forward(
+        self,
+        vision: Tensor,
+        vision_pos: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        vision_padding_mask: Tensor | None,
+    ) -> Tensor:
         """Deformable attention (query = vision + pos, value = vision), add & norm1, FFN, norm2.
 
         Args:
@@ -230,14 +269,14 @@ class DeformableEncoderLayer(nn.Module):
         Returns:
             `(B, S, C)`.
         """
-        attended = self.self_attn(vision + vision_pos, reference_points, vision, spatial_shapes,
-                                  vision_padding_mask)
+        attended = self.self_attn(
+            vision + vision_pos, reference_points, vision, spatial_shapes, vision_padding_mask
+        )
         vision = self.norm1(vision + attended)
         return self.norm2(vision + self.linear2(self.linear1(vision).relu()))
 
 
-def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor
-                             ) -> Tensor:
+def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
     """Cell centres of every level, as seen from every level (reference `get_reference_points`).
 
     A token of level l at row i, column j sits at `((j + 0.5) / valid_W_l, (i + 0.5) / valid_H_l)`
@@ -277,20 +316,35 @@ class FeatureEnhancer(nn.Module):
         eps = config.layer_norm_eps
         self.hidden_dim = hidden
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(hidden_dim=hidden, num_heads=config.encoder_heads,
-                                   num_levels=config.num_feature_levels,
-                                   num_points=config.encoder_points,
-                                   ffn_dim=config.encoder_ffn_dim, layer_norm_eps=eps)
-            for _ in range(config.encoder_layers))
+            DeformableEncoderLayer(
+                hidden_dim=hidden,
+                num_heads=config.encoder_heads,
+                num_levels=config.num_feature_levels,
+                num_points=config.encoder_points,
+                ffn_dim=config.encoder_ffn_dim,
+                layer_norm_eps=eps,
+            )
+            for _ in range(config.encoder_layers)
+        )
         self.text_layers = nn.ModuleList(
-            TextEnhancerLayer(hidden_dim=hidden, num_heads=config.text_enhancer_heads,
-                              ffn_dim=config.text_enhancer_ffn_dim, layer_norm_eps=eps)
-            for _ in range(config.encoder_layers))
+            TextEnhancerLayer(
+                hidden_dim=hidden,
+                num_heads=config.text_enhancer_heads,
+                ffn_dim=config.text_enhancer_ffn_dim,
+                layer_norm_eps=eps,
+            )
+            for _ in range(config.encoder_layers)
+        )
         self.fusion_layers = nn.ModuleList(
-            BiAttentionBlock(hidden_dim=hidden, embed_dim=config.fusion_dim,
-                             num_heads=config.fusion_heads, drop_path=config.fusion_drop_path,
-                             layer_norm_eps=eps)
-            for _ in range(config.encoder_layers))
+            BiAttentionBlock(
+                hidden_dim=hidden,
+                embed_dim=config.fusion_dim,
+                num_heads=config.fusion_heads,
+                drop_path=config.fusion_drop_path,
+                layer_norm_eps=eps,
+            )
+            for _ in range(config.encoder_layers)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -302,10 +356,18 @@ class FeatureEnhancer(nn.Module):
         for layer in self.layers:
             layer.self_attn.reset_parameters()
 
-    def forward(self, vision: Tensor, vision_pos: Tensor, spatial_shapes: list[tuple[int, int]],
-                valid_ratios: Tensor, vision_padding_mask: Tensor | None, text: Tensor,
-                text_token_mask: Tensor, text_self_attention_mask: Tensor,
-                text_position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        vision: Tensor,
+        vision_pos: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        valid_ratios: Tensor,
+        vision_padding_mask: Tensor | None,
+        text: Tensor,
+        text_token_mask: Tensor,
+        text_self_attention_mask: Tensor,
+        text_position_ids: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         """Enhance image and text features jointly.
 
         Args:
@@ -326,12 +388,14 @@ class FeatureEnhancer(nn.Module):
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         text_pos = text_position_embedding(text_position_ids, self.hidden_dim)
         text_padding_mask = ~text_token_mask
-        for fusion, text_layer, layer in zip(self.fusion_layers, self.text_layers, self.layers,
-                                             strict=True):
+        for fusion, text_layer, layer in zip(
+            self.fusion_layers, self.text_layers, self.layers, strict=True
+        ):
             vision, text = fusion(vision, text, vision_padding_mask, text_padding_mask)
             text = text_layer(text, text_pos, text_self_attention_mask)
-            vision = layer(vision, vision_pos, reference_points, spatial_shapes,
-                           vision_padding_mask)
+            vision = layer(
+                vision, vision_pos, reference_points, spatial_shapes, vision_padding_mask
+            )
         return vision, text
 
 
@@ -343,14 +407,22 @@ HF_RULES: list[Rule] = [
     (_LAYER + r"deformable_layer\.fc1\.(.+)", r"layers.\1.linear1.\2"),
     (_LAYER + r"deformable_layer\.fc2\.(.+)", r"layers.\1.linear2.\2"),
     (_LAYER + r"deformable_layer\.final_layer_norm\.(.+)", r"layers.\1.norm2.\2"),
-    (_LAYER + r"text_enhancer_layer\.self_attn\.query\.(weight|bias)",
-     r"text_layers.\1.self_attn.in_proj_\2#q"),
-    (_LAYER + r"text_enhancer_layer\.self_attn\.key\.(weight|bias)",
-     r"text_layers.\1.self_attn.in_proj_\2#k"),
-    (_LAYER + r"text_enhancer_layer\.self_attn\.value\.(weight|bias)",
-     r"text_layers.\1.self_attn.in_proj_\2#v"),
-    (_LAYER + r"text_enhancer_layer\.self_attn\.out_proj\.(.+)",
-     r"text_layers.\1.self_attn.out_proj.\2"),
+    (
+        _LAYER + r"text_enhancer_layer\.self_attn\.query\.(weight|bias)",
+        r"text_layers.\1.self_attn.in_proj_\2#q",
+    ),
+    (
+        _LAYER + r"text_enhancer_layer\.self_attn\.key\.(weight|bias)",
+        r"text_layers.\1.self_attn.in_proj_\2#k",
+    ),
+    (
+        _LAYER + r"text_enhancer_layer\.self_attn\.value\.(weight|bias)",
+        r"text_layers.\1.self_attn.in_proj_\2#v",
+    ),
+    (
+        _LAYER + r"text_enhancer_layer\.self_attn\.out_proj\.(.+)",
+        r"text_layers.\1.self_attn.out_proj.\2",
+    ),
     (_LAYER + r"text_enhancer_layer\.fc1\.(.+)", r"text_layers.\1.linear1.\2"),
     (_LAYER + r"text_enhancer_layer\.fc2\.(.+)", r"text_layers.\1.linear2.\2"),
     # transformers' layer_norm_before follows the attention (= norm1), _after the FFN (= norm2)
@@ -362,10 +434,14 @@ HF_RULES: list[Rule] = [
     (_LAYER + r"fusion_layer\.layer_norm_text\.(.+)", r"fusion_layers.\1.layer_norm_l.\2"),
     (_LAYER + r"fusion_layer\.attn\.vision_proj\.(.+)", r"fusion_layers.\1.attn.v_proj.\2"),
     (_LAYER + r"fusion_layer\.attn\.text_proj\.(.+)", r"fusion_layers.\1.attn.l_proj.\2"),
-    (_LAYER + r"fusion_layer\.attn\.values_vision_proj\.(.+)",
-     r"fusion_layers.\1.attn.values_v_proj.\2"),
-    (_LAYER + r"fusion_layer\.attn\.values_text_proj\.(.+)",
-     r"fusion_layers.\1.attn.values_l_proj.\2"),
+    (
+        _LAYER + r"fusion_layer\.attn\.values_vision_proj\.(.+)",
+        r"fusion_layers.\1.attn.values_v_proj.\2",
+    ),
+    (
+        _LAYER + r"fusion_layer\.attn\.values_text_proj\.(.+)",
+        r"fusion_layers.\1.attn.values_l_proj.\2",
+    ),
     (_LAYER + r"fusion_layer\.attn\.out_vision_proj\.(.+)", r"fusion_layers.\1.attn.out_v_proj.\2"),
     (_LAYER + r"fusion_layer\.attn\.out_text_proj\.(.+)", r"fusion_layers.\1.attn.out_l_proj.\2"),
 ]

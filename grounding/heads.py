@@ -41,8 +41,9 @@ class MLP(nn.Module):
         return self.layers[-1](x)
 
 
-def contrastive_logits(queries: torch.Tensor, text: torch.Tensor, text_token_mask: torch.Tensor,
-                       max_text_len: int) -> torch.Tensor:
+def contrastive_logits(
+    queries: torch.Tensor, text: torch.Tensor, text_token_mask: torch.Tensor, max_text_len: int
+) -> torch.Tensor:
     """Query-to-token similarity logits, padded to a fixed number of token columns.
 
     No parameters, no scaling and no bias, as in the reference: `queries @ text^T`, then -inf where
@@ -85,17 +86,22 @@ class ContrastiveHead(nn.Module):
     def __init__(self, hidden_dim: int, max_text_len: int, *, scaled_with_bias: bool) -> None:
         super().__init__()
         self.max_text_len = max_text_len
-        self.scale = hidden_dim ** -0.5 if scaled_with_bias else None
-        self.bias = (nn.Parameter(torch.tensor(-math.log((1 - PRIOR_PROBABILITY)
-                                                          / PRIOR_PROBABILITY)))
-                     if scaled_with_bias else None)
+        self.scale = hidden_dim**-0.5 if scaled_with_bias else None
+        self.bias = (
+            nn.Parameter(torch.tensor(-math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)))
+            if scaled_with_bias
+            else None
+        )
 
-    def forward(self, queries: torch.Tensor, text: torch.Tensor,
-                text_token_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, queries: torch.Tensor, text: torch.Tensor, text_token_mask: torch.Tensor
+    ) -> torch.Tensor:
         """`(B, Q, C)` queries and `(B, n, C)` text -> `(B, Q, max_text_len)` logits, -inf where
         the token is not real (see `contrastive_logits`)."""
         if self.scale is None:
             return contrastive_logits(queries, text, text_token_mask, self.max_text_len)
         # -inf columns stay -inf: the bias is finite.
-        return contrastive_logits(queries * self.scale, text, text_token_mask,
-                                  self.max_text_len) + self.bias
+        return (
+            contrastive_logits(queries * self.scale, text, text_token_mask, self.max_text_len)
+            + self.bias
+        )

@@ -27,8 +27,13 @@ class OfflineError(FileNotFoundError):
     """A needed file is neither cached nor downloadable."""
 
 
-def hub_file(repo_id: str, filename: str, *, how_to_supply: str, optional: bool = False,
-             ) -> Path | None:
+def hub_file(
+    repo_id: str,
+    filename: str,
+    *,
+    how_to_supply: str,
+    optional: bool = False,
+) -> Path | None:
     """The local path of `repo_id/filename`, from the cache or downloaded into it.
 
     Args:
@@ -49,12 +54,14 @@ def hub_file(repo_id: str, filename: str, *, how_to_supply: str, optional: bool 
             return None
         raise OfflineError(
             f"{filename} from the Hugging Face Hub repository {repo_id} is not in the local cache "
-            f"and the Hub cannot be reached. {how_to_supply}")
+            f"and the Hub cannot be reached. {how_to_supply}"
+        )
     try:
         return Path(hf_hub_download(repo_id, filename))
     except LocalEntryNotFoundError as error:
-        raise OfflineError(f"could not download {filename} from {repo_id}: {error}. "
-                           f"{how_to_supply}") from error
+        raise OfflineError(
+            f"could not download {filename} from {repo_id}: {error}. {how_to_supply}"
+        ) from error
     except EntryNotFoundError:
         if optional:
             return None
@@ -79,30 +86,51 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def official_checkpoint(preset: str) -> Path:
     """The official `.pth` for a preset: `$GROUNDING_DINO_CHECKPOINT`, else the Hub."""
     if preset not in OFFICIAL_FILES:
-        raise ValueError(f"no official checkpoint for config {preset!r}; "
-                         f"choose one of {sorted(OFFICIAL_FILES)} or pass checkpoint=")
+        raise ValueError(
+            f"no official checkpoint for config {preset!r}; "
+            f"choose one of {sorted(OFFICIAL_FILES)} or pass checkpoint="
+        )
     if os.environ.get(CHECKPOINT_ENV):
         return Path(os.environ[CHECKPOINT_ENV])
     filename = OFFICIAL_FILES[preset]
-    return hub_file(OFFICIAL_REPO, filename, how_to_supply=(
-        f"Download {filename} from https://huggingface.co/{OFFICIAL_REPO} on a connected machine "
-        f"and pass its path as checkpoint= (the app and CLI: --detector PATH), or set "
-        f"{CHECKPOINT_ENV}."))
+    return hub_file(
+        OFFICIAL_REPO,
+        filename,
+        how_to_supply=(
+            f"Download {filename} from https://huggingface.co/{OFFICIAL_REPO} on a connected "
+            f"machine and pass its path as checkpoint= (the app and CLI: --detector PATH), or set "
+            f"{CHECKPOINT_ENV}."
+        ),
+    )
 
 
-TRANSFORMERS_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json",
-                      "tokenizer.json", "special_tokens_map.json")
+TRANSFORMERS_FILES = (
+    "config.json",
+    "model.safetensors",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+)
 
 
 def transformers_checkpoint_dir(repo_id: str) -> Path:
     """A transformers-format Grounding DINO repository (e.g. `IDEA-Research/grounding-dino-tiny`)
     downloaded into the Hub cache; returns its local directory."""
-    how = (f"Download {repo_id} on a connected machine (config.json, model.safetensors and the "
-           "tokenizer files) and pass the directory as checkpoint= (the app and CLI: "
-           "--detector PATH).")
-    paths = [hub_file(repo_id, name, how_to_supply=how,
-                      optional=name not in ("config.json", "model.safetensors"))
-             for name in TRANSFORMERS_FILES]
+    how = (
+        f"Download {repo_id} on a connected machine (config.json, model.safetensors and the "
+        "tokenizer files) and pass the directory as checkpoint= (the app and CLI: "
+        "--detector PATH)."
+    )
+    paths = [
+        hub_file(
+            repo_id,
+            name,
+            how_to_supply=how,
+            optional=name not in ("config.json", "model.safetensors"),
+        )
+        for name in TRANSFORMERS_FILES
+    ]
     return paths[0].parent
 
 
@@ -116,12 +144,16 @@ def text_encoder_dir(text_encoder: str | os.PathLike | None) -> Path:
     if Path(source).is_dir():
         directory = Path(source)
         if not any((directory / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
-            raise FileNotFoundError(f"{directory} has no vocab.txt or tokenizer.json "
-                                    "(the BERT WordPiece vocabulary)")
+            raise FileNotFoundError(
+                f"{directory} has no vocab.txt or tokenizer.json (the BERT WordPiece vocabulary)"
+            )
         return directory
-    how = (f"Put config.json and vocab.txt of {source} in a directory and pass it as "
-           f"text_encoder=, or set {TEXT_ENCODER_ENV}.")
-    paths = [hub_file(str(source), name, how_to_supply=how,
-                      optional=name == "tokenizer_config.json")
-             for name in TEXT_ENCODER_FILES]
+    how = (
+        f"Put config.json and vocab.txt of {source} in a directory and pass it as "
+        f"text_encoder=, or set {TEXT_ENCODER_ENV}."
+    )
+    paths = [
+        hub_file(str(source), name, how_to_supply=how, optional=name == "tokenizer_config.json")
+        for name in TEXT_ENCODER_FILES
+    ]
     return paths[1].parent

@@ -155,8 +155,10 @@ def official_rules(config: SwinConfig) -> list[Rule]:
         (r"layers\.(\d+)\.blocks\.(.*)", r"swin.layers.\1.blocks.\2"),
         (r"layers\.(\d+)\.downsample\.(.*)", _shift_downsample),
     ]
-    rules += [(rf"norm{stage}\.(weight|bias)", rf"norms.{j}.\1")
-              for j, stage in enumerate(config.out_indices)]
+    rules += [
+        (rf"norm{stage}\.(weight|bias)", rf"norms.{j}.\1")
+        for j, stage in enumerate(config.out_indices)
+    ]
     return rules
 
 
@@ -172,21 +174,27 @@ def hf_rules(config: SwinConfig) -> list[Rule]:
     block = r"swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
     ours = r"swin.layers.\1.blocks.\2."
     rules: list[Rule] = [
-        (r"swin\.embeddings\.patch_embeddings\.projection\.(weight|bias)",
-         r"swin.patch_embed.proj.\1"),
+        (
+            r"swin\.embeddings\.patch_embeddings\.projection\.(weight|bias)",
+            r"swin.patch_embed.proj.\1",
+        ),
         (r"swin\.embeddings\.norm\.(weight|bias)", r"swin.patch_embed.norm.\1"),
         (block + r"attention\.([qkv])_proj\.(weight|bias)", ours + r"attn.qkv.\4#\3"),
         (block + r"attention\.o_proj\.(weight|bias)", ours + r"attn.proj.\3"),
-        (block + r"attention\.relative_position_bias\.relative_position_bias_table",
-         ours + "attn.relative_position_bias_table"),
+        (
+            block + r"attention\.relative_position_bias\.relative_position_bias_table",
+            ours + "attn.relative_position_bias_table",
+        ),
         (block + r"layernorm_before\.(weight|bias)", ours + r"norm1.\3"),
         (block + r"layernorm_after\.(weight|bias)", ours + r"norm2.\3"),
         (block + r"mlp\.(fc1|fc2)\.(weight|bias)", ours + r"mlp.\3.\4"),
         (r"swin\.encoder\.layers\.(\d+)\.downsample\.(.*)", _shift_downsample),
         (r"swin\.layernorm\.(weight|bias)", None),
     ]
-    rules += [(rf"hidden_states_norms\.stage{stage + 1}\.(weight|bias)", rf"norms.{j}.\1")
-              for j, stage in enumerate(config.out_indices)]
+    rules += [
+        (rf"hidden_states_norms\.stage{stage + 1}\.(weight|bias)", rf"norms.{j}.\1")
+        for j, stage in enumerate(config.out_indices)
+    ]
     return rules
 
 

@@ -28,8 +28,10 @@ class KeyMappingError(KeyError):
         return str(self.args[0])
 
 
-def rename_state_dict(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule],
-                      ) -> dict[str, torch.Tensor]:
+def rename_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    rules: Iterable[Rule],
+) -> dict[str, torch.Tensor]:
     """Apply `rules` to every key; pack `#q/#k/#v` parts; check that aliases agree.
 
     Several source keys may map to the same target (the reference stores its shared box head
@@ -74,8 +76,9 @@ def rename_state_dict(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Ru
 def _put(renamed: dict, sources: dict, target: str, tensor: torch.Tensor, source: str) -> None:
     if target in renamed:
         if not torch.equal(renamed[target], tensor):
-            raise KeyMappingError(f"{source} and {sources[target]} both map to {target} "
-                                  "but hold different values")
+            raise KeyMappingError(
+                f"{source} and {sources[target]} both map to {target} but hold different values"
+            )
         return
     renamed[target] = tensor
     sources[target] = source
@@ -94,7 +97,7 @@ def prefixed(prefix: str, target_prefix: str, rules: Iterable[Rule]) -> list[Rul
         relative = re.compile(pattern)
 
         def lift(match: re.Match, relative=relative, replacement=replacement) -> str:
-            inner = relative.fullmatch(match.group(0)[len(prefix):])
+            inner = relative.fullmatch(match.group(0)[len(prefix) :])
             new = replacement(inner) if callable(replacement) else inner.expand(replacement)
             return target_prefix + new
 

@@ -30,8 +30,9 @@ from grounding.model import GroundingOutput
 from grounding.targets import DetectionTarget
 
 
-def prediction_sets(output: GroundingOutput, *, aux_loss: bool = True,
-                    encoder_loss: bool = True) -> list[tuple[str, Tensor, Tensor]]:
+def prediction_sets(
+    output: GroundingOutput, *, aux_loss: bool = True, encoder_loss: bool = True
+) -> list[tuple[str, Tensor, Tensor]]:
     """The supervised prediction sets of one forward pass, with their loss-name suffixes.
 
     Returns:
@@ -41,8 +42,12 @@ def prediction_sets(output: GroundingOutput, *, aux_loss: bool = True,
     """
     sets = [("", output.logits, output.boxes)]
     if aux_loss and output.aux_logits is not None and output.aux_boxes is not None:
-        sets += [(f"_{i}", logits, boxes) for i, (logits, boxes)
-                 in enumerate(zip(output.aux_logits, output.aux_boxes, strict=True))]
+        sets += [
+            (f"_{i}", logits, boxes)
+            for i, (logits, boxes) in enumerate(
+                zip(output.aux_logits, output.aux_boxes, strict=True)
+            )
+        ]
     if encoder_loss and output.encoder_logits is not None and output.encoder_boxes is not None:
         sets.append(("_enc", output.encoder_logits, output.encoder_boxes))
     return sets
@@ -55,11 +60,15 @@ class SetCriterion(nn.Module):
         super().__init__()
         self.config = config or LossConfig()
         self.matcher = HungarianMatcher(self.config)
-        self.weights = {"loss_class": self.config.weight_class, "loss_l1": self.config.weight_l1,
-                        "loss_giou": self.config.weight_giou}
+        self.weights = {
+            "loss_class": self.config.weight_class,
+            "loss_l1": self.config.weight_l1,
+            "loss_giou": self.config.weight_giou,
+        }
 
-    def forward(self, output: GroundingOutput, targets: list[DetectionTarget],
-                token_mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, output: GroundingOutput, targets: list[DetectionTarget], token_mask: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its unweighted terms.
 
         Args:
@@ -77,26 +86,36 @@ class SetCriterion(nn.Module):
         """
         batch, _, num_columns = output.logits.shape
         if token_mask.shape[0] != batch or token_mask.shape[1] > num_columns:
-            raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, expected "
-                             f"({batch}, n <= {num_columns})")
+            raise ValueError(
+                f"token_mask has shape {tuple(token_mask.shape)}, expected "
+                f"({batch}, n <= {num_columns})"
+            )
         # (B, T) bool, True on real caption tokens
         valid_tokens = F.pad(token_mask.bool(), (0, num_columns - token_mask.shape[1]))
         num_boxes = max(sum(len(target) for target in targets), 1)
         total = output.logits.new_zeros((), dtype=torch.float32)
         components: dict[str, Tensor] = {}
-        for suffix, logits, boxes in prediction_sets(output, aux_loss=self.config.aux_loss,
-                                                     encoder_loss=self.config.encoder_loss):
+        for suffix, logits, boxes in prediction_sets(
+            output, aux_loss=self.config.aux_loss, encoder_loss=self.config.encoder_loss
+        ):
             matches = self.matcher(logits, boxes, targets)
-            terms = {"loss_class": self.class_loss(logits, targets, matches, valid_tokens),
-                     **self.box_losses(boxes, targets, matches)}
+            terms = {
+                "loss_class": self.class_loss(logits, targets, matches, valid_tokens),
+                **self.box_losses(boxes, targets, matches),
+            }
             for name, value in terms.items():
                 value = value / num_boxes
                 total = total + self.weights[name] * value
                 components[name + suffix] = value.detach()
         return total, components
 
-    def class_loss(self, logits: Tensor, targets: list[DetectionTarget],
-                   matches: list[tuple[Tensor, Tensor]], valid_tokens: Tensor) -> Tensor:
+    def class_loss(
+        self,
+        logits: Tensor,
+        targets: list[DetectionTarget],
+        matches: list[tuple[Tensor, Tensor]],
+        valid_tokens: Tensor,
+    ) -> Tensor:
         """Summed sigmoid focal loss over the real-token entries of `logits` (B, Q, T).
 
         Matched queries are positive on their target's phrase tokens, every other entry is
@@ -105,28 +124,43 @@ class SetCriterion(nn.Module):
         """
         labels = torch.zeros_like(logits, dtype=torch.bool)  # (B, Q, T)
         for image, (target, (query_indices, target_indices)) in enumerate(
-                zip(targets, matches, strict=True)):
+            zip(targets, matches, strict=True)
+        ):
             positive_map = target.positive_map.to(device=logits.device, dtype=torch.bool)
             labels[image, query_indices] = positive_map[target_indices]
         selected = valid_tokens[:, None, :].expand_as(logits)  # (B, Q, T)
         selected_logits = logits[selected].float()  # (K,) with K = Q * sum of real tokens
         if not torch.isfinite(selected_logits).all():
-            raise ValueError("non-finite logits on tokens that token_mask marks as real: "
-                             "pass the token mask that was given to the model")
-        return sigmoid_focal_loss(selected_logits, labels[selected].float(),
-                                  alpha=self.config.focal_alpha, gamma=self.config.focal_gamma,
-                                  reduction="sum")
+            raise ValueError(
+                "non-finite logits on tokens that token_mask marks as real: "
+                "pass the token mask that was given to the model"
+            )
+        return sigmoid_focal_loss(
+            selected_logits,
+            labels[selected].float(),
+            alpha=self.config.focal_alpha,
+            gamma=self.config.focal_gamma,
+            reduction="sum",
+        )
 
-    def box_losses(self, boxes: Tensor, targets: list[DetectionTarget],
-                   matches: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    def box_losses(
+        self, boxes: Tensor, targets: list[DetectionTarget], matches: list[tuple[Tensor, Tensor]]
+    ) -> dict[str, Tensor]:
         """Summed L1 (cxcywh) and 1 - GIoU (xyxy) over the matched pairs of `boxes` (B, Q, 4)."""
-        predicted = torch.cat([image_boxes[query_indices] for image_boxes, (query_indices, _)
-                               in zip(boxes, matches, strict=True)]).float()  # (M, 4)
-        expected = torch.cat([target.boxes.to(predicted)[target_indices]
-                              for target, (_, target_indices)
-                              in zip(targets, matches, strict=True)])  # (M, 4)
-        giou = generalized_box_iou_loss(box_cxcywh_to_xyxy(predicted),
-                                        box_cxcywh_to_xyxy(expected), reduction="none")
+        predicted = torch.cat(
+            [
+                image_boxes[query_indices]
+                for image_boxes, (query_indices, _) in zip(boxes, matches, strict=True)
+            ]
+        ).float()  # (M, 4)
+        expected = torch.cat(
+            [
+                target.boxes.to(predicted)[target_indices]
+                for target, (_, target_indices) in zip(targets, matches, strict=True)
+            ]
+        )  # (M, 4)
+        giou = generalized_box_iou_loss(
+            box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(expected), reduction="none"
+        )
         # Sums over M = 0 pairs are zeros that still belong to the graph.
-        return {"loss_l1": F.l1_loss(predicted, expected, reduction="sum"),
-                "loss_giou": giou.sum()}
+        return {"loss_l1": F.l1_loss(predicted, expected, reduction="sum"), "loss_giou": giou.sum()}

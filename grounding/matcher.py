@@ -65,8 +65,10 @@ class HungarianMatcher(nn.Module):
         """
         config = self.config
         if target.positive_map.shape[1] != logits.shape[1]:
-            raise ValueError(f"positive_map has {target.positive_map.shape[1]} token columns, "
-                             f"logits have {logits.shape[1]}")
+            raise ValueError(
+                f"positive_map has {target.positive_map.shape[1]} token columns, "
+                f"logits have {logits.shape[1]}"
+            )
         token_cost = focal_token_cost(logits, config.focal_alpha, config.focal_gamma)  # (Q, T)
         positive_map = target.positive_map.to(token_cost)  # (n, T) float
         class_cost = token_cost @ positive_map.T  # (Q, n)
@@ -75,12 +77,12 @@ class HungarianMatcher(nn.Module):
         l1_cost = torch.cdist(boxes, target_boxes, p=1)  # (Q, n)
         giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(target_boxes))
         cost = config.cost_class * class_cost + config.cost_l1 * l1_cost - config.cost_giou * giou
-        return torch.nan_to_num(cost, nan=_INVALID_COST, posinf=_INVALID_COST,
-                                neginf=_INVALID_COST)
+        return torch.nan_to_num(cost, nan=_INVALID_COST, posinf=_INVALID_COST, neginf=_INVALID_COST)
 
     @torch.no_grad()
-    def forward(self, logits: Tensor, boxes: Tensor,
-                targets: list[DetectionTarget]) -> list[tuple[Tensor, Tensor]]:
+    def forward(
+        self, logits: Tensor, boxes: Tensor, targets: list[DetectionTarget]
+    ) -> list[tuple[Tensor, Tensor]]:
         """Match each image's queries to its targets.
 
         Args:
@@ -104,8 +106,10 @@ class HungarianMatcher(nn.Module):
                 continue
             cost = self.cost_matrix(image_logits, image_boxes, target).cpu()
             query_indices, target_indices = linear_sum_assignment(cost.numpy())
-            matches.append((torch.as_tensor(query_indices, dtype=torch.int64,
-                                            device=logits.device),
-                            torch.as_tensor(target_indices, dtype=torch.int64,
-                                            device=logits.device)))
+            matches.append(
+                (
+                    torch.as_tensor(query_indices, dtype=torch.int64, device=logits.device),
+                    torch.as_tensor(target_indices, dtype=torch.int64, device=logits.device),
+                )
+            )
         return matches

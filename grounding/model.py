@@ -78,9 +78,16 @@ class GroundingDINO(nn.Module):
     loading is mostly a prefix rename (see `checkpoint.py`).
     """
 
-    def __init__(self, config: GroundingDINOConfig, *, backbone: ImageBackbone,
-                 text_backbone: TextBackbone, feature_enhancer: FeatureEnhancer,
-                 query_selection: QuerySelection, decoder: CrossModalityDecoder) -> None:
+    def __init__(
+        self,
+        config: GroundingDINOConfig,
+        *,
+        backbone: ImageBackbone,
+        text_backbone: TextBackbone,
+        feature_enhancer: FeatureEnhancer,
+        query_selection: QuerySelection,
+        decoder: CrossModalityDecoder,
+    ) -> None:
         super().__init__()
         self.config = config
         self.backbone = backbone
@@ -90,12 +97,16 @@ class GroundingDINO(nn.Module):
         self.decoder = decoder
         hidden = config.hidden_dim
         in_channels = list(config.backbone.out_channels)
-        projections = [nn.Sequential(nn.Conv2d(c, hidden, 1), nn.GroupNorm(32, hidden))
-                       for c in in_channels]
+        projections = [
+            nn.Sequential(nn.Conv2d(c, hidden, 1), nn.GroupNorm(32, hidden)) for c in in_channels
+        ]
         extra_in = in_channels[-1]
         for _ in range(config.num_feature_levels - len(in_channels)):
-            projections.append(nn.Sequential(nn.Conv2d(extra_in, hidden, 3, stride=2, padding=1),
-                                             nn.GroupNorm(32, hidden)))
+            projections.append(
+                nn.Sequential(
+                    nn.Conv2d(extra_in, hidden, 3, stride=2, padding=1), nn.GroupNorm(32, hidden)
+                )
+            )
             extra_in = hidden
         self.input_proj = nn.ModuleList(projections)
         self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, hidden))
@@ -103,8 +114,9 @@ class GroundingDINO(nn.Module):
         self.bbox_embed = MLP(hidden, hidden, 4, 3)
         # Shared by every decoder layer, like the box head (parameter-free unless
         # `config.contrastive_bias`).
-        self.class_head = ContrastiveHead(hidden, config.max_text_len,
-                                          scaled_with_bias=config.contrastive_bias)
+        self.class_head = ContrastiveHead(
+            hidden, config.max_text_len, scaled_with_bias=config.contrastive_bias
+        )
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -115,10 +127,16 @@ class GroundingDINO(nn.Module):
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
-    def forward(self, pixels: Tensor, input_ids: Tensor, token_mask: Tensor,
-                padding_mask: Tensor | None = None, *,
-                text_masks: tuple[Tensor, Tensor] | None = None, return_aux: bool = False,
-                ) -> GroundingOutput:
+    def forward(
+        self,
+        pixels: Tensor,
+        input_ids: Tensor,
+        token_mask: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        text_masks: tuple[Tensor, Tensor] | None = None,
+        return_aux: bool = False,
+    ) -> GroundingOutput:
         """Detect the caption's phrases.
 
         Args:
@@ -130,8 +148,13 @@ class GroundingDINO(nn.Module):
             text_masks: see `ground`.
             return_aux: also return the earlier decoder layers' and the encoder's outputs.
         """
-        return self.ground(self.encode_image(pixels, padding_mask), input_ids, token_mask,
-                           text_masks=text_masks, return_aux=return_aux)
+        return self.ground(
+            self.encode_image(pixels, padding_mask),
+            input_ids,
+            token_mask,
+            text_masks=text_masks,
+            return_aux=return_aux,
+        )
 
     def encode_image(self, pixels: Tensor, padding_mask: Tensor | None = None) -> ImageFeatures:
         """Backbone, input projections and position embeddings (reusable across captions)."""
@@ -144,22 +167,28 @@ class GroundingDINO(nn.Module):
             height = max(m.shape[-2] for m in maps)
             width = max(m.shape[-1] for m in maps)
             # (B, C, H_l, W_l), zero outside each image's own map
-            padded = torch.stack([F.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2]))
-                                  for m in maps])
+            padded = torch.stack(
+                [F.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in maps]
+            )
             mask = torch.ones(batch, height, width, dtype=torch.bool, device=pixels.device)
             for index, m in enumerate(maps):
                 mask[index, : m.shape[-2], : m.shape[-1]] = False
-            position = sine_position_embedding(mask, hidden // 2,
-                                               self.config.position_temperature)
+            position = sine_position_embedding(mask, hidden // 2, self.config.position_temperature)
             tokens.append(padded.flatten(2).transpose(1, 2))  # (B, H_l*W_l, C)
             position = position.to(padded.dtype).flatten(2).transpose(1, 2)
             positions.append(position + self.level_embed[level].view(1, 1, -1))
             masks.append(mask.flatten(1))
             shapes.append((height, width))
-            ratios.append(torch.tensor([[m.shape[-1] / width, m.shape[-2] / height] for m in maps],
-                                       dtype=torch.float32))
-        padded_any = any(m.shape[-2:] != (h, w) for maps, (h, w) in zip(levels, shapes, strict=True)
-                         for m in maps)
+            ratios.append(
+                torch.tensor(
+                    [[m.shape[-1] / width, m.shape[-2] / height] for m in maps], dtype=torch.float32
+                )
+            )
+        padded_any = any(
+            m.shape[-2:] != (h, w)
+            for maps, (h, w) in zip(levels, shapes, strict=True)
+            for m in maps
+        )
         return ImageFeatures(
             tokens=torch.cat(tokens, 1),
             position=torch.cat(positions, 1),
@@ -170,8 +199,9 @@ class GroundingDINO(nn.Module):
 
     def _project_levels(self, pixels: Tensor, sizes: list[tuple[int, int]]) -> list[list[Tensor]]:
         """Per level, each image's (C, H_l, W_l) projected map, computed on unpadded pixels."""
-        levels: list[list[Tensor | None]] = [[None] * len(sizes)
-                                             for _ in range(self.config.num_feature_levels)]
+        levels: list[list[Tensor | None]] = [
+            [None] * len(sizes) for _ in range(self.config.num_feature_levels)
+        ]
         groups: dict[tuple[int, int], list[int]] = {}
         for index, size in enumerate(sizes):
             groups.setdefault(size, []).append(index)
@@ -180,7 +210,7 @@ class GroundingDINO(nn.Module):
             features = self.backbone(crop)
             maps = [proj(f) for proj, f in zip(self.input_proj, features, strict=False)]
             source = features[-1]
-            for proj in self.input_proj[len(features):]:
+            for proj in self.input_proj[len(features) :]:
                 source = proj(source)
                 maps.append(source)
             for level, level_maps in enumerate(maps):
@@ -188,9 +218,15 @@ class GroundingDINO(nn.Module):
                     levels[level][index] = level_maps[position]
         return levels
 
-    def ground(self, image: ImageFeatures, input_ids: Tensor, token_mask: Tensor, *,
-               text_masks: tuple[Tensor, Tensor] | None = None, return_aux: bool = False,
-               ) -> GroundingOutput:
+    def ground(
+        self,
+        image: ImageFeatures,
+        input_ids: Tensor,
+        token_mask: Tensor,
+        *,
+        text_masks: tuple[Tensor, Tensor] | None = None,
+        return_aux: bool = False,
+    ) -> GroundingOutput:
         """Everything after the image encoder, for one batch of captions.
 
         Args:
@@ -200,32 +236,58 @@ class GroundingDINO(nn.Module):
         """
         config = self.config
         if input_ids.shape[1] > config.max_text_len:
-            raise ValueError(f"{input_ids.shape[1]} tokens exceed max_text_len "
-                             f"{config.max_text_len}; truncate or split the caption first")
+            raise ValueError(
+                f"{input_ids.shape[1]} tokens exceed max_text_len "
+                f"{config.max_text_len}; truncate or split the caption first"
+            )
         token_mask = token_mask.bool()
         if text_masks is None:
             text_masks = sub_sentence_masks(input_ids, token_mask, BERT_SPECIAL_TOKEN_IDS)
         attention, position_ids = text_masks
         text = self.text_backbone(input_ids, attention, position_ids)
         vision, text = self.feature_enhancer(
-            image.tokens, image.position, image.spatial_shapes, image.valid_ratios,
-            image.padding_mask, text, token_mask, attention, position_ids)
-        selection = self.query_selection(vision, image.padding_mask, image.spatial_shapes,
-                                         text, token_mask)
+            image.tokens,
+            image.position,
+            image.spatial_shapes,
+            image.valid_ratios,
+            image.padding_mask,
+            text,
+            token_mask,
+            attention,
+            position_ids,
+        )
+        selection = self.query_selection(
+            vision, image.padding_mask, image.spatial_shapes, text, token_mask
+        )
         hidden, references = self.decoder(
-            selection.target, selection.reference_boxes, vision, image.padding_mask,
-            image.spatial_shapes, image.valid_ratios, text, token_mask, self.bbox_embed)
+            selection.target,
+            selection.reference_boxes,
+            vision,
+            image.padding_mask,
+            image.spatial_shapes,
+            image.valid_ratios,
+            text,
+            token_mask,
+            self.bbox_embed,
+        )
         layers = range(len(hidden)) if return_aux else [len(hidden) - 1]
-        boxes = [(self.bbox_embed(hidden[i]) + inverse_sigmoid(references[i])).sigmoid()
-                 for i in layers]
+        boxes = [
+            (self.bbox_embed(hidden[i]) + inverse_sigmoid(references[i])).sigmoid() for i in layers
+        ]
         logits = [self.class_head(hidden[i], text, token_mask) for i in layers]
         if not return_aux:
-            return GroundingOutput(logits=logits[-1], boxes=boxes[-1],
-                                   query_indices=selection.topk_indices)
-        return GroundingOutput(logits=logits[-1], boxes=boxes[-1],
-                               query_indices=selection.topk_indices, aux_logits=logits[:-1],
-                               aux_boxes=boxes[:-1], encoder_logits=selection.encoder_logits,
-                               encoder_boxes=selection.encoder_boxes)
+            return GroundingOutput(
+                logits=logits[-1], boxes=boxes[-1], query_indices=selection.topk_indices
+            )
+        return GroundingOutput(
+            logits=logits[-1],
+            boxes=boxes[-1],
+            query_indices=selection.topk_indices,
+            aux_logits=logits[:-1],
+            aux_boxes=boxes[:-1],
+            encoder_logits=selection.encoder_logits,
+            encoder_boxes=selection.encoder_boxes,
+        )
 
 
 def _valid_sizes(pixels: Tensor, padding_mask: Tensor | None) -> list[tuple[int, int]]:
@@ -234,8 +296,9 @@ def _valid_sizes(pixels: Tensor, padding_mask: Tensor | None) -> list[tuple[int,
     if padding_mask is None:
         return [(height, width)] * batch
     if padding_mask.shape != (batch, height, width):
-        raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}, "
-                         f"expected {(batch, height, width)}")
+        raise ValueError(
+            f"padding_mask has shape {tuple(padding_mask.shape)}, expected {(batch, height, width)}"
+        )
     valid = ~padding_mask.bool()
     heights = valid.any(2).sum(1)
     widths = valid.any(1).sum(1)

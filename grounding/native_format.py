@@ -52,16 +52,21 @@ def config_from_dict(values: dict[str, Any]) -> GroundingDINOConfig:
     values = dict(values)
     version = values.pop("format_version", FORMAT_VERSION)  # absent: written as version 1
     if version != FORMAT_VERSION:
-        raise ValueError(f"{CONFIG_FILE} has format_version {version!r}; this version reads "
-                         f"{FORMAT_VERSION}")
+        raise ValueError(
+            f"{CONFIG_FILE} has format_version {version!r}; this version reads {FORMAT_VERSION}"
+        )
     backbone = dict(values.pop("backbone", {}))
     known = {field.name for field in dataclasses.fields(GroundingDINOConfig)}
     swin_known = {field.name for field in dataclasses.fields(SwinConfig)}
     unknown = (set(values) - known) | {f"backbone.{key}" for key in set(backbone) - swin_known}
     if unknown:
         raise ValueError(f"{CONFIG_FILE} has unknown settings: {sorted(unknown)}")
-    swin = SwinConfig(**{key: tuple(value) if isinstance(value, list) else value
-                         for key, value in backbone.items()})
+    swin = SwinConfig(
+        **{
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in backbone.items()
+        }
+    )
     return GroundingDINOConfig(backbone=swin, **values)
 
 
@@ -70,9 +75,15 @@ def read_native_config(directory: str | Path) -> GroundingDINOConfig:
         return config_from_dict(json.load(handle))
 
 
-def save_native(model: nn.Module, directory: str | Path, tokenizer=None, *,
-                dtype: torch.dtype = torch.float32, image_size: int = 800,
-                max_size: int = 1333) -> Path:
+def save_native(
+    model: nn.Module,
+    directory: str | Path,
+    tokenizer=None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    image_size: int = 800,
+    max_size: int = 1333,
+) -> Path:
     """Write `model` (a `GroundingDINO`) and, if given, its tokenizer to `directory`.
 
     Args:
@@ -84,12 +95,15 @@ def save_native(model: nn.Module, directory: str | Path, tokenizer=None, *,
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {key: (value.to(dtype) if value.is_floating_point() else value).contiguous().cpu()
-             for key, value in model.state_dict().items()}
+    state = {
+        key: (value.to(dtype) if value.is_floating_point() else value).contiguous().cpu()
+        for key, value in model.state_dict().items()
+    }
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config_to_dict(model.config), indent=2) + "\n")
-    processor = {"image_processor": {"size": {"shortest_edge": image_size,
-                                              "longest_edge": max_size}}}
+    processor = {
+        "image_processor": {"size": {"shortest_edge": image_size, "longest_edge": max_size}}
+    }
     (directory / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
@@ -105,7 +119,9 @@ def load_native(model: nn.Module, directory: str | Path) -> dict[str, int]:
         raise FileNotFoundError(f"{path} not found")
     state = load_file(str(path), device="cpu")
     expected = model.state_dict()
-    state = {key: value.to(expected[key].dtype) if key in expected else value
-             for key, value in state.items()}
+    state = {
+        key: value.to(expected[key].dtype) if key in expected else value
+        for key, value in state.items()
+    }
     load_strict(model, state, source=str(path))
     return {"checkpoint_keys": len(state), "loaded_tensors": len(state)}

@@ -74,8 +74,9 @@ def set_training_mode(model: nn.Module, frozen_modules: Sequence[str]) -> None:
         model.get_submodule(name).eval()
 
 
-def parameter_groups(model: nn.Module, *, lr: float, lr_backbone: float, lr_text: float,
-                     weight_decay: float) -> list[dict]:
+def parameter_groups(
+    model: nn.Module, *, lr: float, lr_backbone: float, lr_text: float, weight_decay: float
+) -> list[dict]:
     """AdamW parameter groups of the trainable parameters: "backbone", "text", "detector".
 
     Empty groups (everything frozen) are left out. Each group carries its `name`.
@@ -84,20 +85,35 @@ def parameter_groups(model: nn.Module, *, lr: float, lr_backbone: float, lr_text
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        group = "backbone" if name.startswith(BACKBONE_PREFIX) else \
-            "text" if name.startswith(TEXT_PREFIX) else "detector"
+        group = (
+            "backbone"
+            if name.startswith(BACKBONE_PREFIX)
+            else "text"
+            if name.startswith(TEXT_PREFIX)
+            else "detector"
+        )
         grouped[group].append(parameter)
     rates = {"backbone": lr_backbone, "text": lr_text, "detector": lr}
-    groups = [{"name": name, "params": params, "lr": rates[name], "weight_decay": weight_decay}
-              for name, params in grouped.items() if params]
+    groups = [
+        {"name": name, "params": params, "lr": rates[name], "weight_decay": weight_decay}
+        for name, params in grouped.items()
+        if params
+    ]
     if not groups:
         raise ValueError("every parameter is frozen: nothing to train")
     return groups
 
 
-def learning_rate_factor(step: int, *, schedule: str, warmup_steps: int, steps_per_epoch: int,
-                         total_steps: int, drop_epochs: Sequence[int] = (),
-                         drop_factor: float = 0.1) -> float:
+def learning_rate_factor(
+    step: int,
+    *,
+    schedule: str,
+    warmup_steps: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    drop_epochs: Sequence[int] = (),
+    drop_factor: float = 0.1,
+) -> float:
     """Multiplier of every group's base learning rate for optimiser step `step` (0-based).
 
     Linear warm-up from 1 / (warmup_steps + 1) to 1 over the first `warmup_steps` steps, times
@@ -109,7 +125,7 @@ def learning_rate_factor(step: int, *, schedule: str, warmup_steps: int, steps_p
     warmup = min(1.0, (step + 1) / (warmup_steps + 1)) if warmup_steps > 0 else 1.0
     if schedule == "step":
         drops = sum(step >= epoch * steps_per_epoch for epoch in drop_epochs)
-        return warmup * drop_factor ** drops
+        return warmup * drop_factor**drops
     if schedule == "cosine":
         span = max(total_steps - warmup_steps, 1)
         progress = min(max(step - warmup_steps, 0) / span, 1.0)
@@ -117,11 +133,14 @@ def learning_rate_factor(step: int, *, schedule: str, warmup_steps: int, steps_p
     raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, **schedule,
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    **schedule,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step `LambdaLR` of `learning_rate_factor` (keyword arguments other than `step`)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, **schedule))
+        optimizer, lambda step: learning_rate_factor(step, **schedule)
+    )
 
 
 def rng_state() -> dict:
@@ -130,8 +149,13 @@ def rng_state() -> dict:
     kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
     return {
         "python": [version, torch.tensor(python_state, dtype=torch.int64), gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
-                  float(cached_gauss)],
+        "numpy": [
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached_gauss),
+        ],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -142,9 +166,11 @@ def set_rng_state(state: dict) -> None:
     version, python_state, gauss = state["python"]
     random.setstate((version, tuple(int(value) for value in python_state.tolist()), gauss))
     kind, keys, position, has_gauss, cached_gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss,
-                         cached_gauss))
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() \
-            and len(state["cuda"]) == torch.cuda.device_count():
+    if (
+        state["cuda"]
+        and torch.cuda.is_available()
+        and len(state["cuda"]) == torch.cuda.device_count()
+    ):
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -44,8 +44,13 @@ class Detections:
 
     @classmethod
     def empty(cls, prompt_phrases: Sequence[str] = ()) -> Detections:
-        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), [],
-                   np.zeros(0, np.int64), list(prompt_phrases))
+        return cls(
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.float32),
+            [],
+            np.zeros(0, np.int64),
+            list(prompt_phrases),
+        )
 
     @classmethod
     def concatenate(cls, parts: Sequence[Detections]) -> Detections:
@@ -61,15 +66,27 @@ class Detections:
             return cls.empty(prompt)
         scores = np.concatenate([p.scores for p in parts])
         order = np.argsort(-scores, kind="stable")
-        return cls(np.concatenate([p.boxes for p in parts])[order], scores[order],
-                   [phrases[i] for i in order], np.concatenate(ids)[order], prompt)
+        return cls(
+            np.concatenate([p.boxes for p in parts])[order],
+            scores[order],
+            [phrases[i] for i in order],
+            np.concatenate(ids)[order],
+            prompt,
+        )
 
 
-def select_detections(logits: Tensor, boxes: Tensor, token_ids: Sequence[int],
-                      phrase_spans: Sequence[tuple[int, int]], decode: Callable[[list[int]], str],
-                      image_size: tuple[int, int], box_threshold: float, text_threshold: float,
-                      nms_threshold: float | None = None,
-                      continuation: Sequence[bool] | None = None) -> Detections:
+def select_detections(
+    logits: Tensor,
+    boxes: Tensor,
+    token_ids: Sequence[int],
+    phrase_spans: Sequence[tuple[int, int]],
+    decode: Callable[[list[int]], str],
+    image_size: tuple[int, int],
+    box_threshold: float,
+    text_threshold: float,
+    nms_threshold: float | None = None,
+    continuation: Sequence[bool] | None = None,
+) -> Detections:
     """Threshold one image's queries and label them.
 
     Args:
@@ -121,8 +138,12 @@ def select_detections(logits: Tensor, boxes: Tensor, token_ids: Sequence[int],
     labels = []
     for row in order.tolist():
         phrase = int(phrase_ids[row])
-        chosen = [token_ids[t] for word in words[phrase]
-                  if any(kept_probs[row, t] > text_threshold for t in word) for t in word]
+        chosen = [
+            token_ids[t]
+            for word in words[phrase]
+            if any(kept_probs[row, t] > text_threshold for t in word)
+            for t in word
+        ]
         labels.append(decode(chosen) if chosen else phrases[phrase])
     return Detections(
         boxes=pixel_boxes[order].numpy().astype(np.float32),

@@ -41,8 +41,10 @@ def normalize_caption(caption: str) -> str:
         raise ValueError(f"the prompt must be a string, got {type(caption).__name__}")
     caption = caption.lower().strip()
     if not any(character.isalnum() for character in caption):
-        raise ValueError("the prompt is empty: name at least one thing to find, "
-                         "for example 'a cat . a remote control .'")
+        raise ValueError(
+            "the prompt is empty: name at least one thing to find, "
+            "for example 'a cat . a remote control .'"
+        )
     return caption if caption.endswith(".") else caption + "."
 
 
@@ -59,9 +61,15 @@ class Detector:
             config) for models trained at other sizes, such as the small shapes model.
     """
 
-    def __init__(self, model: GroundingDINO, tokenizer, device: str | torch.device | None = None,
-                 *, image_size: int = DEFAULT_IMAGE_SIZE, max_size: int = DEFAULT_MAX_SIZE,
-                 ) -> None:
+    def __init__(
+        self,
+        model: GroundingDINO,
+        tokenizer,
+        device: str | torch.device | None = None,
+        *,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        max_size: int = DEFAULT_MAX_SIZE,
+    ) -> None:
         self.image_size, self.max_size = image_size, max_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
@@ -69,12 +77,16 @@ class Detector:
         self.max_text_len = model.config.max_text_len
         # Phrase separators "." and "?", and [CLS]/[SEP], as this tokenizer numbers them.
         self.separator_ids = tuple(tokenizer.convert_tokens_to_ids([".", "?"]))
-        self.special_token_ids = (tokenizer.cls_token_id, tokenizer.sep_token_id,
-                                  *self.separator_ids)
+        self.special_token_ids = (
+            tokenizer.cls_token_id,
+            tokenizer.sep_token_id,
+            *self.separator_ids,
+        )
 
     @torch.inference_mode()
-    def detect(self, pixels: Tensor, captions: str | Sequence[str],
-               padding_mask: Tensor | None = None) -> GroundingOutput:
+    def detect(
+        self, pixels: Tensor, captions: str | Sequence[str], padding_mask: Tensor | None = None
+    ) -> GroundingOutput:
         """The reference model's forward.
 
         Args:
@@ -94,13 +106,17 @@ class Detector:
         input_ids = tokens["input_ids"].to(self.device)
         token_mask = tokens["attention_mask"].to(self.device).bool()
         # Masks come from the whole caption and are cut afterwards, as in the reference.
-        attention, position_ids = sub_sentence_masks(input_ids, token_mask,
-                                                     self.special_token_ids)
+        attention, position_ids = sub_sentence_masks(input_ids, token_mask, self.special_token_ids)
         n = self.max_text_len
         features = self.model.encode_image(
-            pixels.to(self.device), None if padding_mask is None else padding_mask.to(self.device))
-        return self.model.ground(features, input_ids[:, :n], token_mask[:, :n],
-                                 text_masks=(attention[:, :n, :n], position_ids[:, :n]))
+            pixels.to(self.device), None if padding_mask is None else padding_mask.to(self.device)
+        )
+        return self.model.ground(
+            features,
+            input_ids[:, :n],
+            token_mask[:, :n],
+            text_masks=(attention[:, :n, :n], position_ids[:, :n]),
+        )
 
     @torch.inference_mode()
     def infer(self, image: Image.Image | np.ndarray, caption: str) -> RawPrediction:
@@ -129,25 +145,48 @@ class Detector:
         token_ids = self.tokenizer(caption)["input_ids"]
         words = [i for i in token_ids if i not in self.special_token_ids]
         if words and all(i == self.tokenizer.unk_token_id for i in words):
-            raise ValueError("none of the prompt's words is known to the model (its vocabulary "
-                             "is English): name the objects in English, e.g. 'cat . dog .'")
+            raise ValueError(
+                "none of the prompt's words is known to the model (its vocabulary "
+                "is English): name the objects in English, e.g. 'cat . dog .'"
+            )
         return token_ids
 
-    def select(self, raw: RawPrediction, box_threshold: float = 0.35,
-               text_threshold: float = 0.25, nms_threshold: float | None = None) -> Detections:
+    def select(
+        self,
+        raw: RawPrediction,
+        box_threshold: float = 0.35,
+        text_threshold: float = 0.25,
+        nms_threshold: float | None = None,
+    ) -> Detections:
         """Thresholded, labelled detections from raw outputs (no model call)."""
         for name, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
-        parts = [select_detections(logits, boxes, ids,
-                                   phrase_token_spans(ids, self.special_token_ids),
-                                   self._decode, raw.image_size, box_threshold, text_threshold,
-                                   nms_threshold, self._continuation(ids))
-                 for ids, logits, boxes in raw.chunks]
+        parts = [
+            select_detections(
+                logits,
+                boxes,
+                ids,
+                phrase_token_spans(ids, self.special_token_ids),
+                self._decode,
+                raw.image_size,
+                box_threshold,
+                text_threshold,
+                nms_threshold,
+                self._continuation(ids),
+            )
+            for ids, logits, boxes in raw.chunks
+        ]
         return Detections.concatenate(parts)
 
-    def predict(self, image: Image.Image | np.ndarray, caption: str, box_threshold: float = 0.35,
-                text_threshold: float = 0.25, nms_threshold: float | None = None) -> Detections:
+    def predict(
+        self,
+        image: Image.Image | np.ndarray,
+        caption: str,
+        box_threshold: float = 0.35,
+        text_threshold: float = 0.25,
+        nms_threshold: float | None = None,
+    ) -> Detections:
         """Boxes, scores and phrases for what the caption names.
 
         Args:
@@ -157,20 +196,19 @@ class Detector:
         Returns:
             Detections with boxes x0, y0, x1, y1 in the input image's pixels; possibly empty.
         """
-        return self.select(self.infer(image, caption), box_threshold, text_threshold,
-                           nms_threshold)
+        return self.select(self.infer(image, caption), box_threshold, text_threshold, nms_threshold)
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids).replace(" ##", "").strip()
 
     def _continuation(self, token_ids: list[int]) -> list[bool]:
         """Per token, whether it is a WordPiece continuation ("##...") of the word before."""
-        return [token.startswith("##")
-                for token in self.tokenizer.convert_ids_to_tokens(token_ids)]
+        return [token.startswith("##") for token in self.tokenizer.convert_ids_to_tokens(token_ids)]
 
 
-def split_caption_tokens(token_ids: Sequence[int], max_len: int,
-                         separator_ids: Sequence[int]) -> list[list[int]]:
+def split_caption_tokens(
+    token_ids: Sequence[int], max_len: int, separator_ids: Sequence[int]
+) -> list[list[int]]:
     """Split [CLS] ... [SEP] at phrase boundaries into chunks of at most `max_len` tokens.
 
     Each chunk is again [CLS] phrases [SEP], exactly the tokens its phrases would get alone
@@ -194,8 +232,10 @@ def split_caption_tokens(token_ids: Sequence[int], max_len: int,
     chunks, current = [], []
     for phrase in phrases:
         if len(phrase) > room:
-            raise ValueError(f"one phrase of the prompt has {len(phrase)} tokens, more than the "
-                             f"{room} a pass can hold; shorten it or split it with '.'")
+            raise ValueError(
+                f"one phrase of the prompt has {len(phrase)} tokens, more than the "
+                f"{room} a pass can hold; shorten it or split it with '.'"
+            )
         if len(current) + len(phrase) > room:
             chunks.append(current)
             current = []

@@ -41,9 +41,11 @@ _PROPOSAL_MIN_SIZE = 0.05  # anchor width and height at level 0, doubled at each
 _PROPOSAL_VALID_RANGE = (0.01, 0.99)
 
 
-def encoder_output_proposals(vision: torch.Tensor, vision_padding_mask: torch.Tensor | None,
-                             spatial_shapes: list[tuple[int, int]],
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def encoder_output_proposals(
+    vision: torch.Tensor,
+    vision_padding_mask: torch.Tensor | None,
+    spatial_shapes: list[tuple[int, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One anchor box per image token, and the memory with unusable tokens zeroed.
 
     The anchor of cell (i, j) of level l is centred at ((j + 0.5) / W_valid, (i + 0.5) / H_valid),
@@ -71,13 +73,14 @@ def encoder_output_proposals(vision: torch.Tensor, vision_padding_mask: torch.Te
             valid_height = torch.full((batch_size,), height, **factory)
             valid_width = torch.full((batch_size,), width, **factory)
         else:
-            level_mask = vision_padding_mask[:, start:start + height * width]
+            level_mask = vision_padding_mask[:, start : start + height * width]
             level_mask = level_mask.view(batch_size, height, width)
             # Padding is bottom/right, so the first column and row hold the valid extents.
             valid_height = (~level_mask[:, :, 0]).sum(1).to(factory["dtype"])  # (B,)
             valid_width = (~level_mask[:, 0, :]).sum(1).to(factory["dtype"])  # (B,)
-        grid_y, grid_x = torch.meshgrid(torch.arange(height, **factory),
-                                        torch.arange(width, **factory), indexing="ij")
+        grid_y, grid_x = torch.meshgrid(
+            torch.arange(height, **factory), torch.arange(width, **factory), indexing="ij"
+        )
         center_x = (grid_x.reshape(1, -1) + 0.5) / valid_width[:, None]  # (B, H*W)
         center_y = (grid_y.reshape(1, -1) + 0.5) / valid_height[:, None]  # (B, H*W)
         size = torch.full_like(center_x, _PROPOSAL_MIN_SIZE * 2.0**level)
@@ -127,12 +130,18 @@ class QuerySelection(nn.Module):
         self.enc_output_norm = nn.LayerNorm(hidden_dim, eps=config.layer_norm_eps)
         self.enc_out_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.tgt_embed = nn.Embedding(config.num_queries, hidden_dim)
-        self.class_head = ContrastiveHead(hidden_dim, config.max_text_len,
-                                          scaled_with_bias=config.contrastive_bias)
+        self.class_head = ContrastiveHead(
+            hidden_dim, config.max_text_len, scaled_with_bias=config.contrastive_bias
+        )
 
-    def forward(self, vision: torch.Tensor, vision_padding_mask: torch.Tensor | None,
-                spatial_shapes: list[tuple[int, int]], text: torch.Tensor,
-                text_token_mask: torch.Tensor) -> QuerySelectionOutput:
+    def forward(
+        self,
+        vision: torch.Tensor,
+        vision_padding_mask: torch.Tensor | None,
+        spatial_shapes: list[tuple[int, int]],
+        text: torch.Tensor,
+        text_token_mask: torch.Tensor,
+    ) -> QuerySelectionOutput:
         """Score all image tokens against the text and keep the best `num_queries`.
 
         Args:
@@ -161,6 +170,10 @@ class QuerySelection(nn.Module):
         box_logits = self.enc_out_bbox_embed(gather(memory)) + gather(proposals)  # (B, Q, 4)
         encoder_boxes = box_logits.sigmoid()
         target = self.tgt_embed.weight[None].expand(vision.shape[0], -1, -1)  # (B, Q, C)
-        return QuerySelectionOutput(target=target, reference_boxes=box_logits.detach().sigmoid(),
-                                    encoder_logits=gather(logits), encoder_boxes=encoder_boxes,
-                                    topk_indices=topk_indices)
+        return QuerySelectionOutput(
+            target=target,
+            reference_boxes=box_logits.detach().sigmoid(),
+            encoder_logits=gather(logits),
+            encoder_boxes=encoder_boxes,
+            topk_indices=topk_indices,
+        )

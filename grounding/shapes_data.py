@@ -79,8 +79,9 @@ _PNG_OPTIONS = (cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWR
 
 def coco_categories() -> list[dict]:
     """The COCO "categories" list: id 1..12, name, supercategory "shape"."""
-    return [{"id": CATEGORY_IDS[name], "name": name, "supercategory": "shape"}
-            for name in CATEGORIES]
+    return [
+        {"id": CATEGORY_IDS[name], "name": name, "supercategory": "shape"} for name in CATEGORIES
+    ]
 
 
 @dataclass
@@ -125,8 +126,11 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     field = np.zeros((height, width), np.float32)
     for cell in rng.choice([2, 4, 8, 16, 32, 64], size=3, replace=False):
         grid = rng.standard_normal((height // cell + 2, width // cell + 2), dtype=np.float32)
-        upsampled = cv2.resize(grid, ((width // cell + 2) * cell, (height // cell + 2) * cell),
-                               interpolation=cv2.INTER_LINEAR)
+        upsampled = cv2.resize(
+            grid,
+            ((width // cell + 2) * cell, (height // cell + 2) * cell),
+            interpolation=cv2.INTER_LINEAR,
+        )
         field += upsampled[:height, :width]
     return field / math.sqrt(3.0)
 
@@ -169,12 +173,27 @@ def _draw_clutter(rng: np.random.Generator, canvas: np.ndarray) -> None:
         size = rng.uniform(0.03, 0.3) * scale
         if kind == 0:
             end = centre + rng.normal(0.0, 0.4 * scale, 2)
-            cv2.line(canvas, tuple(int(v) for v in centre), tuple(int(v) for v in end), grey,
-                     int(rng.integers(1, 6)), cv2.LINE_AA)
+            cv2.line(
+                canvas,
+                tuple(int(v) for v in centre),
+                tuple(int(v) for v in end),
+                grey,
+                int(rng.integers(1, 6)),
+                cv2.LINE_AA,
+            )
         elif kind == 1:
             axes = (int(size / 2), int(size / 2 * rng.uniform(0.4, 1.0)))
-            cv2.ellipse(canvas, tuple(int(v) for v in centre), axes, rng.uniform(0.0, 180.0),
-                        0, 360, grey, -1 if rng.random() < 0.7 else 2, cv2.LINE_AA)
+            cv2.ellipse(
+                canvas,
+                tuple(int(v) for v in centre),
+                axes,
+                rng.uniform(0.0, 180.0),
+                0,
+                360,
+                grey,
+                -1 if rng.random() < 0.7 else 2,
+                cv2.LINE_AA,
+            )
         else:
             if kind == 2:  # a square, at any angle
                 angles = rng.uniform(0.0, math.pi / 2) + np.arange(4) * math.pi / 2
@@ -192,17 +211,29 @@ def _shape_outline(shape: str, size: float, angle: float) -> np.ndarray:
     if shape == "square":
         points = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float64) * size / 2
     else:  # pointing up, centred on its centroid
-        points = np.array([[0.0, -size / math.sqrt(3)], [size / 2, size / (2 * math.sqrt(3))],
-                           [-size / 2, size / (2 * math.sqrt(3))]])
+        points = np.array(
+            [
+                [0.0, -size / math.sqrt(3)],
+                [size / 2, size / (2 * math.sqrt(3))],
+                [-size / 2, size / (2 * math.sqrt(3))],
+            ]
+        )
     radians = math.radians(angle)
-    rotation = np.array([[math.cos(radians), -math.sin(radians)],
-                         [math.sin(radians), math.cos(radians)]])
+    rotation = np.array(
+        [[math.cos(radians), -math.sin(radians)], [math.sin(radians), math.cos(radians)]]
+    )
     return points @ rotation.T
 
 
-def _sample_shape_mask(rng: np.random.Generator, shape: str, height: int, width: int, *,
-                       size_range: tuple[float, float], max_rotation: float,
-                       ) -> tuple[np.ndarray, float]:
+def _sample_shape_mask(
+    rng: np.random.Generator,
+    shape: str,
+    height: int,
+    width: int,
+    *,
+    size_range: tuple[float, float],
+    max_rotation: float,
+) -> tuple[np.ndarray, float]:
     """A random placement of `shape` wholly inside the image: ((H, W) bool mask, angle)."""
     size = rng.uniform(*size_range) * min(height, width)
     mask = np.zeros((height, width), np.uint8)
@@ -211,8 +242,15 @@ def _sample_shape_mask(rng: np.random.Generator, shape: str, height: int, width:
         radius = size / 2
         centre = rng.uniform((radius, radius), (width - radius, height - radius))
         # OpenCV puts pixel centres at integers; our coordinates put them at + 0.5.
-        cv2.circle(mask, tuple(int(round(v)) for v in (centre - 0.5) * (1 << _SHIFT)),
-                   int(round(radius * (1 << _SHIFT))), 1, -1, cv2.LINE_8, _SHIFT)
+        cv2.circle(
+            mask,
+            tuple(int(round(v)) for v in (centre - 0.5) * (1 << _SHIFT)),
+            int(round(radius * (1 << _SHIFT))),
+            1,
+            -1,
+            cv2.LINE_8,
+            _SHIFT,
+        )
     else:
         angle = rng.uniform(-max_rotation, max_rotation)
         outline = _shape_outline(shape, size, angle)
@@ -232,10 +270,17 @@ class _Placement:
     area: int
 
 
-def _place_shape(rng: np.random.Generator, placed: list[_Placement], visible: list[np.ndarray],
-                 height: int, width: int, *, size_range: tuple[float, float],
-                 max_rotation: float, min_visible: float,
-                 ) -> tuple[str, str, np.ndarray, float] | None:
+def _place_shape(
+    rng: np.random.Generator,
+    placed: list[_Placement],
+    visible: list[np.ndarray],
+    height: int,
+    width: int,
+    *,
+    size_range: tuple[float, float],
+    max_rotation: float,
+    min_visible: float,
+) -> tuple[str, str, np.ndarray, float] | None:
     """A new shape on top of `placed` that obeys the occlusion and same-colour rules.
 
     Returns:
@@ -246,10 +291,13 @@ def _place_shape(rng: np.random.Generator, placed: list[_Placement], visible: li
     for _ in range(_PLACEMENT_TRIES):
         colour_name = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        mask, angle = _sample_shape_mask(rng, shape, height, width, size_range=size_range,
-                                         max_rotation=max_rotation)
-        if any((seen & ~mask).sum() < min_visible * earlier.area
-               for seen, earlier in zip(visible, placed, strict=True)):
+        mask, angle = _sample_shape_mask(
+            rng, shape, height, width, size_range=size_range, max_rotation=max_rotation
+        )
+        if any(
+            (seen & ~mask).sum() < min_visible * earlier.area
+            for seen, earlier in zip(visible, placed, strict=True)
+        ):
             continue
         same_colour = [earlier.mask for earlier in placed if earlier.colour_name == colour_name]
         if same_colour:
@@ -260,11 +308,19 @@ def _place_shape(rng: np.random.Generator, placed: list[_Placement], visible: li
     return None
 
 
-def generate_image(rng: np.random.Generator, *, min_side: int = 256, max_side: int = 640,
-                   min_shapes: int = 1, max_shapes: int = 4,
-                   size_range: tuple[float, float] = (0.12, 0.38), max_rotation: float = 30.0,
-                   min_visible: float = 0.5, colour_jitter: int = 25,
-                   max_pixel_noise: float = 4.0) -> ShapesImage:
+def generate_image(
+    rng: np.random.Generator,
+    *,
+    min_side: int = 256,
+    max_side: int = 640,
+    min_shapes: int = 1,
+    max_shapes: int = 4,
+    size_range: tuple[float, float] = (0.12, 0.38),
+    max_rotation: float = 30.0,
+    min_visible: float = 0.5,
+    colour_jitter: int = 25,
+    max_pixel_noise: float = 4.0,
+) -> ShapesImage:
     """One random image with its shapes' categories, boxes and visible-pixel masks.
 
     Args:
@@ -290,8 +346,16 @@ def generate_image(rng: np.random.Generator, *, min_side: int = 256, max_side: i
     visible: list[np.ndarray] = []
     ids, colours, angles = [], [], []
     for _ in range(int(rng.integers(min_shapes, max_shapes + 1))):
-        found = _place_shape(rng, placed, visible, height, width, size_range=size_range,
-                             max_rotation=max_rotation, min_visible=min_visible)
+        found = _place_shape(
+            rng,
+            placed,
+            visible,
+            height,
+            width,
+            size_range=size_range,
+            max_rotation=max_rotation,
+            min_visible=min_visible,
+        )
         if found is None:
             break  # no room left; the first shape always fits, so the image has one
         colour_name, shape, mask, angle = found
@@ -309,11 +373,17 @@ def generate_image(rng: np.random.Generator, *, min_side: int = 256, max_side: i
     canvas += noise
     image = np.clip(canvas, 0.0, 255.0, out=canvas).astype(np.uint8)
     masks = np.stack(visible)  # (n, H, W)
-    return ShapesImage(image=image, category_ids=np.array(ids, np.int64),
-                       names=[CATEGORIES[i - 1] for i in ids], boxes=_mask_boxes(masks),
-                       masks=masks, full_areas=np.array([p.area for p in placed], np.int64),
-                       colours=np.stack(colours), angles=np.array(angles, np.float32),
-                       background=background)
+    return ShapesImage(
+        image=image,
+        category_ids=np.array(ids, np.int64),
+        names=[CATEGORIES[i - 1] for i in ids],
+        boxes=_mask_boxes(masks),
+        masks=masks,
+        full_areas=np.array([p.area for p in placed], np.int64),
+        colours=np.stack(colours),
+        angles=np.array(angles, np.float32),
+        background=background,
+    )
 
 
 def _mask_boxes(masks: np.ndarray) -> np.ndarray:
@@ -332,16 +402,22 @@ def coco_annotations(sample: ShapesImage, image_id: int) -> list[dict]:
     bbox is [x, y, w, h]; segmentation a compressed RLE with str counts; area the mask's pixels.
     """
     annotations = []
-    for category_id, box, mask in zip(sample.category_ids, sample.boxes, sample.masks,
-                                      strict=True):
+    for category_id, box, mask in zip(sample.category_ids, sample.boxes, sample.masks, strict=True):
         rle = mask_utils.encode(np.asfortranarray(mask.view(np.uint8)))
         x0, y0, x1, y1 = (float(v) for v in box)
-        annotations.append({
-            "image_id": image_id, "category_id": int(category_id),
-            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(mask.sum()), "iscrowd": 0,
-            "segmentation": {"size": [int(v) for v in rle["size"]],
-                             "counts": rle["counts"].decode("ascii")},
-        })
+        annotations.append(
+            {
+                "image_id": image_id,
+                "category_id": int(category_id),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": int(mask.sum()),
+                "iscrowd": 0,
+                "segmentation": {
+                    "size": [int(v) for v in rle["size"]],
+                    "counts": rle["counts"].decode("ascii"),
+                },
+            }
+        )
     return annotations
 
 
@@ -350,16 +426,24 @@ def _write_image(task: tuple[Path, int, int, dict]) -> tuple[dict, list[dict]]:
     image_folder, seed, index, generator_options = task
     sample = generate_image(np.random.default_rng([seed, index]), **generator_options)
     file_name = f"{index:06d}.png"
-    encoded = cv2.imencode(".png", cv2.cvtColor(sample.image, cv2.COLOR_RGB2BGR),
-                           list(_PNG_OPTIONS))[1]
+    encoded = cv2.imencode(
+        ".png", cv2.cvtColor(sample.image, cv2.COLOR_RGB2BGR), list(_PNG_OPTIONS)
+    )[1]
     (image_folder / file_name).write_bytes(encoded.tobytes())
     height, width = sample.image.shape[:2]
     entry = {"id": index + 1, "file_name": file_name, "width": width, "height": height}
     return entry, coco_annotations(sample, index + 1)
 
 
-def generate_split(folder: str | Path, count: int, seed: int, *, workers: int = 0,
-                   progress: bool = True, **generator_options) -> Path:
+def generate_split(
+    folder: str | Path,
+    count: int,
+    seed: int,
+    *,
+    workers: int = 0,
+    progress: bool = True,
+    **generator_options,
+) -> Path:
     """Writes `count` images and their COCO annotations; returns the annotation file's path.
 
     Files: `folder/images/{i:06d}.png` (lossless RGB PNG) and `folder/annotations.json`, whose
@@ -386,16 +470,27 @@ def generate_split(folder: str | Path, count: int, seed: int, *, workers: int = 
         results = pool.map(_write_image, tasks, chunksize=16) if pool else map(_write_image, tasks)
         for entry, image_annotations in results:
             images.append(entry)
-            annotations += [{"id": len(annotations) + offset + 1, **annotation}
-                            for offset, annotation in enumerate(image_annotations)]
+            annotations += [
+                {"id": len(annotations) + offset + 1, **annotation}
+                for offset, annotation in enumerate(image_annotations)
+            ]
             if progress and len(images) % 500 == 0:
                 rate = len(images) / (time.perf_counter() - started)
                 print(f"{folder}: {len(images)}/{count} images, {rate:.0f}/s", flush=True)
-    options = {key: list(value) if isinstance(value, tuple) else value
-               for key, value in sorted(generator_options.items())}
-    coco = {"info": {"description": "synthetic shapes (grounding.shapes_data)", "seed": seed,
-                     "options": options},
-            "images": images, "annotations": annotations, "categories": coco_categories()}
+    options = {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in sorted(generator_options.items())
+    }
+    coco = {
+        "info": {
+            "description": "synthetic shapes (grounding.shapes_data)",
+            "seed": seed,
+            "options": options,
+        },
+        "images": images,
+        "annotations": annotations,
+        "categories": coco_categories(),
+    }
     path = folder / "annotations.json"
     path.write_text(json.dumps(coco))
     return path
@@ -408,26 +503,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=20000, help="training images")
     parser.add_argument("--val", type=int, default=200, help="validation images")
     parser.add_argument("--test", type=int, default=0, help="test images (0: no test split)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help=f"training seed; val uses seed + {VAL_SEED_OFFSET}, "
-                             f"test seed + {TEST_SEED_OFFSET}")
-    parser.add_argument("--max-shapes", type=int, default=4,
-                        help="at most this many shapes per image (1: curriculum start)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="processes to generate with (0: this one; files are the same)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help=f"training seed; val uses seed + {VAL_SEED_OFFSET}, test seed + {TEST_SEED_OFFSET}",
+    )
+    parser.add_argument(
+        "--max-shapes",
+        type=int,
+        default=4,
+        help="at most this many shapes per image (1: curriculum start)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes to generate with (0: this one; files are the same)",
+    )
     arguments = parser.parse_args(argv)
-    splits = [("train", arguments.train, arguments.seed),
-              ("val", arguments.val, arguments.seed + VAL_SEED_OFFSET),
-              ("test", arguments.test, arguments.seed + TEST_SEED_OFFSET)]
+    splits = [
+        ("train", arguments.train, arguments.seed),
+        ("val", arguments.val, arguments.seed + VAL_SEED_OFFSET),
+        ("test", arguments.test, arguments.seed + TEST_SEED_OFFSET),
+    ]
     for name, count, seed in splits:
         if count <= 0:
             continue
         started = time.perf_counter()
-        generate_split(arguments.out / name, count, seed, workers=arguments.workers,
-                       max_shapes=arguments.max_shapes)
+        generate_split(
+            arguments.out / name,
+            count,
+            seed,
+            workers=arguments.workers,
+            max_shapes=arguments.max_shapes,
+        )
         elapsed = time.perf_counter() - started
-        print(f"{name}: {count} images (seed {seed}) in {arguments.out / name}, "
-              f"{elapsed:.1f} s, {count / elapsed:.0f} images/s", flush=True)
+        print(
+            f"{name}: {count} images (seed {seed}) in {arguments.out / name}, "
+            f"{elapsed:.1f} s, {count / elapsed:.0f} images/s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -33,15 +33,19 @@ class DetectionTarget:
         if self.boxes.shape != (count, 4):
             raise ValueError(f"boxes must be (n, 4), got {tuple(self.boxes.shape)}")
         if self.positive_map.ndim != 2 or self.positive_map.shape[0] != count:
-            raise ValueError(f"positive_map must be (n, max_text_len) with n = {count}, "
-                             f"got {tuple(self.positive_map.shape)}")
+            raise ValueError(
+                f"positive_map must be (n, max_text_len) with n = {count}, "
+                f"got {tuple(self.positive_map.shape)}"
+            )
         if self.category_ids.shape != (count,):
-            raise ValueError(f"category_ids must be (n,) with n = {count}, "
-                             f"got {tuple(self.category_ids.shape)}")
+            raise ValueError(
+                f"category_ids must be (n,) with n = {count}, got {tuple(self.category_ids.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
 
     def to(self, device: torch.device | str) -> DetectionTarget:
-        return DetectionTarget(self.boxes.to(device), self.positive_map.to(device),
-                               self.category_ids.to(device))
+        return DetectionTarget(
+            self.boxes.to(device), self.positive_map.to(device), self.category_ids.to(device)
+        )

@@ -59,8 +59,12 @@ class TextBackbone(nn.Module):
         # The official `feat_map`.
         self.projection = nn.Linear(config.text_hidden_size, config.hidden_dim)
 
-    def forward(self, input_ids: Tensor, self_attention_mask: Tensor, position_ids: Tensor,
-                ) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        self_attention_mask: Tensor,
+        position_ids: Tensor,
+    ) -> Tensor:
         """Encode a batch of captions (already truncated to `max_text_len` by the caller).
 
         Args:
@@ -75,10 +79,14 @@ class TextBackbone(nn.Module):
         """
         dtype = self.projection.weight.dtype
         # (B, n, n) -> (B, 1, n, n), broadcast over heads; 0 = attend, finfo.min = blocked.
-        additive_mask = torch.zeros(self_attention_mask.shape, dtype=dtype,
-                                    device=self_attention_mask.device)
+        additive_mask = torch.zeros(
+            self_attention_mask.shape, dtype=dtype, device=self_attention_mask.device
+        )
         additive_mask = additive_mask.masked_fill(~self_attention_mask, torch.finfo(dtype).min)
-        hidden = self.bert(input_ids=input_ids, attention_mask=additive_mask[:, None],
-                           token_type_ids=torch.zeros_like(input_ids),
-                           position_ids=position_ids).last_hidden_state  # (B, n, text_hidden)
+        hidden = self.bert(
+            input_ids=input_ids,
+            attention_mask=additive_mask[:, None],
+            token_type_ids=torch.zeros_like(input_ids),
+            position_ids=position_ids,
+        ).last_hidden_state  # (B, n, text_hidden)
         return self.projection(hidden)

@@ -21,9 +21,11 @@ from torch import Tensor
 BERT_SPECIAL_TOKEN_IDS: tuple[int, ...] = (101, 102, 1012, 1029)
 
 
-def sub_sentence_masks(input_ids: Tensor, token_mask: Tensor,
-                       special_token_ids: Sequence[int] = BERT_SPECIAL_TOKEN_IDS,
-                       ) -> tuple[Tensor, Tensor]:
+def sub_sentence_masks(
+    input_ids: Tensor,
+    token_mask: Tensor,
+    special_token_ids: Sequence[int] = BERT_SPECIAL_TOKEN_IDS,
+) -> tuple[Tensor, Tensor]:
     """Phrase-block self-attention mask and per-phrase position ids for a batch of captions.
 
     Rules (per row, `last` = the row's last real column):
@@ -84,15 +86,17 @@ def sub_sentence_masks(input_ids: Tensor, token_mask: Tensor,
     # Column of the closest special token strictly before each token (0 if none, as the reference).
     special_columns = torch.where(special, columns, torch.zeros_like(columns))
     previous_special = special_columns.cummax(dim=1).values  # (B, n), inclusive
-    previous_special = torch.cat([torch.zeros_like(previous_special[:, :1]),
-                                  previous_special[:, :-1]], dim=1)  # (B, n), exclusive
+    previous_special = torch.cat(
+        [torch.zeros_like(previous_special[:, :1]), previous_special[:, :-1]], dim=1
+    )  # (B, n), exclusive
     position_ids = torch.where(in_phrase, columns - previous_special - 1, torch.zeros_like(columns))
     return attention_mask, position_ids
 
 
-def phrase_token_spans(input_ids: Sequence[int],
-                       separator_ids: Sequence[int] = BERT_SPECIAL_TOKEN_IDS,
-                       ) -> list[tuple[int, int]]:
+def phrase_token_spans(
+    input_ids: Sequence[int],
+    separator_ids: Sequence[int] = BERT_SPECIAL_TOKEN_IDS,
+) -> list[tuple[int, int]]:
     """Token spans of the phrases of one tokenized caption.
 
     Args:

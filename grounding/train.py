@@ -88,6 +88,7 @@ def _preset_with_vocabulary(name: str) -> Callable[[int], GroundingDINOConfig]:
     def config(vocab_size: int) -> GroundingDINOConfig:
         preset = PRESETS[name]()
         return replace(preset, text={**preset.text, "vocab_size": vocab_size})
+
     return config
 
 
@@ -98,37 +99,75 @@ SCRATCH_CONFIGS: dict[str, Callable[[int], GroundingDINOConfig]] = {
     **{name: _preset_with_vocabulary(name) for name in PRESETS},
 }
 # Flags that must not change on --resume (others, such as --epochs or --workers, may).
-RESUME_FIXED = ("batch_size", "accumulate", "lr", "lr_backbone", "lr_text", "weight_decay",
-                "schedule", "lr_drop_epochs", "lr_drop_factor", "warmup_steps", "freeze",
-                "train_text", "seed", "sizes", "max_size", "negatives", "distractors", "bf16")
+RESUME_FIXED = (
+    "batch_size",
+    "accumulate",
+    "lr",
+    "lr_backbone",
+    "lr_text",
+    "weight_decay",
+    "schedule",
+    "lr_drop_epochs",
+    "lr_drop_factor",
+    "warmup_steps",
+    "freeze",
+    "train_text",
+    "seed",
+    "sizes",
+    "max_size",
+    "negatives",
+    "distractors",
+    "bf16",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m grounding.train", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="python -m grounding.train",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     data = parser.add_argument_group("data")
-    data.add_argument("--train-images", type=Path, required=True,
-                      help="folder the annotations' file_names are relative to")
+    data.add_argument(
+        "--train-images",
+        type=Path,
+        required=True,
+        help="folder the annotations' file_names are relative to",
+    )
     data.add_argument("--train-annotations", type=Path, required=True, help="COCO JSON")
     data.add_argument("--val-images", type=Path, help="validation images (COCO AP per epoch)")
     data.add_argument("--val-annotations", type=Path, help="COCO JSON")
     data.add_argument("--val-max-images", type=int, help="evaluate on the first N images only")
     data.add_argument("--out", type=Path, required=True, help="run folder")
-    data.add_argument("--sizes", type=int, nargs="+", default=list(MULTI_SCALE_SIZES),
-                      help="training short sides, one drawn per image")
+    data.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=list(MULTI_SCALE_SIZES),
+        help="training short sides, one drawn per image",
+    )
     data.add_argument("--max-size", type=int, default=1333, help="longest side after resizing")
     data.add_argument("--eval-size", type=int, help="evaluation short side (default max --sizes)")
     data.add_argument("--negatives", type=int, default=50, help="absent categories per caption")
-    data.add_argument("--distractors", type=int, default=0,
-                      help="phrases of random vocabulary words per caption, naming nothing (for "
-                           "datasets of few categories: unknown names then find nothing)")
+    data.add_argument(
+        "--distractors",
+        type=int,
+        default=0,
+        help="phrases of random vocabulary words per caption, naming nothing (for "
+        "datasets of few categories: unknown names then find nothing)",
+    )
     init = parser.add_argument_group("initialisation")
     init.add_argument("--checkpoint", help="official .pth, transformers directory or Hub id")
-    init.add_argument("--config", choices=sorted(SCRATCH_CONFIGS),
-                      help="architecture: of a .pth checkpoint, or to train from scratch")
-    init.add_argument("--text-encoder", help="folder with BERT's vocab.txt (or the vocab file); "
-                      "needed from scratch, optional with a .pth")
+    init.add_argument(
+        "--config",
+        choices=sorted(SCRATCH_CONFIGS),
+        help="architecture: of a .pth checkpoint, or to train from scratch",
+    )
+    init.add_argument(
+        "--text-encoder",
+        help="folder with BERT's vocab.txt (or the vocab file); "
+        "needed from scratch, optional with a .pth",
+    )
     init.add_argument("--resume", action="store_true", help="continue from OUT/last")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=12, help="may grow on --resume")
@@ -140,22 +179,43 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight-decay", type=float, default=1e-4, help="on all parameters")
     optim.add_argument("--clip-max-norm", type=float, default=0.1, help="0 disables clipping")
     optim.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
-    optim.add_argument("--schedule", choices=SCHEDULES, default="step",
-                       help="per-step: drops at --lr-drop-epochs, or a cosine to 0")
-    optim.add_argument("--lr-drop-epochs", type=int, nargs="*", default=[11],
-                       help="step schedule: multiply by --lr-drop-factor after these epochs")
+    optim.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="step",
+        help="per-step: drops at --lr-drop-epochs, or a cosine to 0",
+    )
+    optim.add_argument(
+        "--lr-drop-epochs",
+        type=int,
+        nargs="*",
+        default=[11],
+        help="step schedule: multiply by --lr-drop-factor after these epochs",
+    )
     optim.add_argument("--lr-drop-factor", type=float, default=0.1)
-    optim.add_argument("--freeze", nargs="+", default=[], choices=sorted(FREEZABLE),
-                       metavar="PART", help=f"parts to keep fixed: {', '.join(FREEZABLE)}")
-    optim.add_argument("--train-text", action="store_true",
-                       help="train BERT too when fine-tuning (frozen by default)")
+    optim.add_argument(
+        "--freeze",
+        nargs="+",
+        default=[],
+        choices=sorted(FREEZABLE),
+        metavar="PART",
+        help=f"parts to keep fixed: {', '.join(FREEZABLE)}",
+    )
+    optim.add_argument(
+        "--train-text",
+        action="store_true",
+        help="train BERT too when fine-tuning (frozen by default)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     run.add_argument("--device", help="default cuda when available, else cpu")
     run.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    run.add_argument("--threads", type=int,
-                     help="torch's CPU threads (default: torch's; on a shared machine 1 avoids "
-                          "threads waiting on each other)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="torch's CPU threads (default: torch's; on a shared machine 1 avoids "
+        "threads waiting on each other)",
+    )
     run.add_argument("--seed", type=int, default=0, help="initialisation, data order, samples")
     run.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
     run.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
@@ -170,8 +230,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not args.resume and args.checkpoint is None and args.config is None:
         parser.error("pass --checkpoint to fine-tune, or --config to train from scratch")
     if args.checkpoint is not None and args.config not in (None, *PRESETS):
-        parser.error(f"--config {args.config} has no official checkpoint; "
-                     "drop --checkpoint to train it from scratch")
+        parser.error(
+            f"--config {args.config} has no official checkpoint; "
+            "drop --checkpoint to train it from scratch"
+        )
     if (args.val_images is None) != (args.val_annotations is None):
         parser.error("--val-images and --val-annotations go together")
     if args.train_text and "text" in args.freeze:
@@ -204,8 +266,9 @@ def load_tokenizer(text_encoder: str | None):
     if text_encoder is not None and Path(text_encoder).is_file():
         # transformers 5 ignores `vocab_file=`; the vocabulary goes in as `vocab=`.
         return BertTokenizer(vocab=str(text_encoder), do_lower_case=True)
-    return BertTokenizer.from_pretrained(str(hub.text_encoder_dir(text_encoder)),
-                                         do_lower_case=True)
+    return BertTokenizer.from_pretrained(
+        str(hub.text_encoder_dir(text_encoder)), do_lower_case=True
+    )
 
 
 def initial_model(args: argparse.Namespace) -> tuple[GroundingDINO, object]:
@@ -213,8 +276,12 @@ def initial_model(args: argparse.Namespace) -> tuple[GroundingDINO, object]:
     if args.checkpoint is not None:
         from grounding.build import load_detector
 
-        detector = load_detector(args.checkpoint, config=args.config or "swint_ogc",
-                                 text_encoder=args.text_encoder, device="cpu")
+        detector = load_detector(
+            args.checkpoint,
+            config=args.config or "swint_ogc",
+            text_encoder=args.text_encoder,
+            device="cpu",
+        )
         return detector.model, detector.tokenizer
     tokenizer = load_tokenizer(args.text_encoder)
     return build_model(SCRATCH_CONFIGS[args.config](len(tokenizer))), tokenizer
@@ -252,8 +319,9 @@ def train(args: argparse.Namespace) -> dict:
         from_scratch = state["from_scratch"]
     else:
         if last_dir.exists() or (out_dir / "metrics.jsonl").exists():
-            raise FileExistsError(f"{out_dir} holds a run: continue it with --resume or choose "
-                                  "another --out")
+            raise FileExistsError(
+                f"{out_dir} holds a run: continue it with --resume or choose another --out"
+            )
         _seed_everything(args.seed)
         model, tokenizer = initial_model(args)
         from_scratch = args.checkpoint is None
@@ -263,41 +331,89 @@ def train(args: argparse.Namespace) -> dict:
     # From scratch BERT is random and must learn; fine-tuning keeps it (Open-GroundingDino).
     frozen = list(args.freeze) + (["text"] if not (from_scratch or args.train_text) else [])
     frozen_modules = freeze(model, frozen)
-    optimizer = torch.optim.AdamW(parameter_groups(
-        model, lr=args.lr, lr_backbone=args.lr_backbone, lr_text=args.lr_text,
-        weight_decay=args.weight_decay))
+    optimizer = torch.optim.AdamW(
+        parameter_groups(
+            model,
+            lr=args.lr,
+            lr_backbone=args.lr_backbone,
+            lr_text=args.lr_text,
+            weight_decay=args.weight_decay,
+        )
+    )
     dataset = CocoGroundingDataset(
-        args.train_images, args.train_annotations, tokenizer, train=True,
-        max_text_len=model.config.max_text_len, negatives=args.negatives,
-        distractors=args.distractors, sizes=args.sizes,
-        max_size=args.max_size, seed=args.seed)
+        args.train_images,
+        args.train_annotations,
+        tokenizer,
+        train=True,
+        max_text_len=model.config.max_text_len,
+        negatives=args.negatives,
+        distractors=args.distractors,
+        sizes=args.sizes,
+        max_size=args.max_size,
+        seed=args.seed,
+    )
     if len(dataset) == 0:
         raise ValueError(f"{args.train_annotations} lists no usable image")
     options = TrainingOptions(
-        out_dir=out_dir, epochs=args.epochs, batch_size=args.batch_size,
-        accumulate=args.accumulate, clip_max_norm=args.clip_max_norm, max_steps=args.max_steps,
-        log_every=args.log_every, eval_every=args.eval_every, seed=args.seed,
-        workers=args.workers, bf16=bf16, val_images=args.val_images,
-        val_annotations=args.val_annotations, val_max_images=args.val_max_images,
-        eval_size=args.eval_size, eval_max_size=args.max_size, progress=not args.no_progress)
+        out_dir=out_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        accumulate=args.accumulate,
+        clip_max_norm=args.clip_max_norm,
+        max_steps=args.max_steps,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        workers=args.workers,
+        bf16=bf16,
+        val_images=args.val_images,
+        val_annotations=args.val_annotations,
+        val_max_images=args.val_max_images,
+        eval_size=args.eval_size,
+        eval_max_size=args.max_size,
+        progress=not args.no_progress,
+    )
     epoch_steps = steps_per_epoch(len(dataset), args.batch_size, args.accumulate)
     scheduler = build_scheduler(
-        optimizer, schedule=args.schedule, warmup_steps=args.warmup_steps,
-        steps_per_epoch=epoch_steps, total_steps=args.epochs * epoch_steps,
-        drop_epochs=tuple(args.lr_drop_epochs), drop_factor=args.lr_drop_factor)
+        optimizer,
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        steps_per_epoch=epoch_steps,
+        total_steps=args.epochs * epoch_steps,
+        drop_epochs=tuple(args.lr_drop_epochs),
+        drop_factor=args.lr_drop_factor,
+    )
     recorded_args = {key: _plain(value) for key, value in vars(args).items()}
-    trainer = Trainer(model, tokenizer, SetCriterion(LossConfig()), optimizer, scheduler, dataset,
-                      options, device, frozen_modules=frozen_modules,
-                      extra_state={"model_config": config_to_dict(model.config),
-                                   "args": recorded_args, "from_scratch": from_scratch,
-                                   "frozen": frozen})
+    trainer = Trainer(
+        model,
+        tokenizer,
+        SetCriterion(LossConfig()),
+        optimizer,
+        scheduler,
+        dataset,
+        options,
+        device,
+        frozen_modules=frozen_modules,
+        extra_state={
+            "model_config": config_to_dict(model.config),
+            "args": recorded_args,
+            "from_scratch": from_scratch,
+            "frozen": frozen,
+        },
+    )
     if state is not None:
         trainer.load_state_dict(state)
         set_rng_state(state["rng"])  # last: building the pieces above may draw random numbers
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("training %d of %d parameters on %s (frozen: %s); %d images, %d steps per epoch",
-                trainable, sum(p.numel() for p in model.parameters()), device,
-                ", ".join(frozen) or "nothing", len(dataset), epoch_steps)
+    logger.info(
+        "training %d of %d parameters on %s (frozen: %s); %d images, %d steps per epoch",
+        trainable,
+        sum(p.numel() for p in model.parameters()),
+        device,
+        ", ".join(frozen) or "nothing",
+        len(dataset),
+        epoch_steps,
+    )
     return trainer.fit()
 
 
@@ -313,11 +429,16 @@ def _plain(value):
 def _check_resume_flags(saved: dict, args: argparse.Namespace) -> None:
     # A flag newer than the run was at its default then.
     saved = {key: saved.get(key, _plain(build_parser().get_default(key))) for key in RESUME_FIXED}
-    changed = [f"--{key.replace('_', '-')} {saved[key]!r} -> {_plain(getattr(args, key))!r}"
-               for key in RESUME_FIXED if saved[key] != _plain(getattr(args, key))]
+    changed = [
+        f"--{key.replace('_', '-')} {saved[key]!r} -> {_plain(getattr(args, key))!r}"
+        for key in RESUME_FIXED
+        if saved[key] != _plain(getattr(args, key))
+    ]
     if changed:
-        raise ValueError("--resume continues the run exactly, so these flags must not change: "
-                         + "; ".join(changed))
+        raise ValueError(
+            "--resume continues the run exactly, so these flags must not change: "
+            + "; ".join(changed)
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -334,10 +455,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"done: {summary['steps']} steps, {summary['epochs']} epochs in "
-          f"{summary['seconds']:.0f} s; last checkpoint {summary['last']}"
-          + (f", best AP {100 * summary['best_ap']:.1f} in {summary['best']}"
-             if summary["best"] else ""))
+    print(
+        f"done: {summary['steps']} steps, {summary['epochs']} epochs in "
+        f"{summary['seconds']:.0f} s; last checkpoint {summary['last']}"
+        + (
+            f", best AP {100 * summary['best_ap']:.1f} in {summary['best']}"
+            if summary["best"]
+            else ""
+        )
+    )
     return 0
 
 

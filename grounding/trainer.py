@@ -101,21 +101,37 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng((seed, epoch)).permutation(num_items).tolist()
 
 
-def epoch_batches(dataset: CocoGroundingDataset, *, batch_size: int, seed: int, epoch: int,
-                  start: int = 0, workers: int = 0) -> DataLoader:
+def epoch_batches(
+    dataset: CocoGroundingDataset,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+    workers: int = 0,
+) -> DataLoader:
     """The epoch's batches from batch `start` on (None for a batch of unreadable images only)."""
     dataset.set_epoch(epoch)
-    order = epoch_order(len(dataset), seed, epoch)[start * batch_size:]
+    order = epoch_order(len(dataset), seed, epoch)[start * batch_size :]
     # Its own generator: creating the iterator then draws nothing from the global RNG.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
-                      collate_fn=partial(collate, pad_token_id=dataset.pad_token_id),
-                      generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        num_workers=workers,
+        collate_fn=partial(collate, pad_token_id=dataset.pad_token_id),
+        generator=generator,
+    )
 
 
-def batch_loss(model: nn.Module, criterion: SetCriterion, batch: GroundingBatch,
-               special_token_ids: tuple[int, ...], bf16: bool = False,
-               ) -> tuple[Tensor, dict[str, Tensor]]:
+def batch_loss(
+    model: nn.Module,
+    criterion: SetCriterion,
+    batch: GroundingBatch,
+    special_token_ids: tuple[int, ...],
+    bf16: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The criterion's total and terms on one batch (already on the model's device).
 
     Raises:
@@ -124,8 +140,14 @@ def batch_loss(model: nn.Module, criterion: SetCriterion, batch: GroundingBatch,
     text_masks = sub_sentence_masks(batch.input_ids, batch.token_mask, special_token_ids)
     device_type = batch.pixels.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        output = model(batch.pixels, batch.input_ids, batch.token_mask, batch.padding_mask,
-                       text_masks=text_masks, return_aux=True)
+        output = model(
+            batch.pixels,
+            batch.input_ids,
+            batch.token_mask,
+            batch.padding_mask,
+            text_masks=text_masks,
+            return_aux=True,
+        )
     # (B, n) -> (B, max_text_len): the columns past the caption are padding (-inf logits).
     token_mask = F.pad(batch.token_mask, (0, output.logits.shape[-1] - batch.token_mask.shape[1]))
     real_logits = output.logits.transpose(1, 2)[token_mask]  # (real tokens, Q)
@@ -134,10 +156,14 @@ def batch_loss(model: nn.Module, criterion: SetCriterion, batch: GroundingBatch,
     return criterion(output, batch.targets, token_mask)
 
 
-def accumulate_gradients(model: nn.Module, criterion: SetCriterion,
-                         batches: list[GroundingBatch], device: torch.device,
-                         special_token_ids: tuple[int, ...], bf16: bool = False,
-                         ) -> tuple[float, dict[str, float]]:
+def accumulate_gradients(
+    model: nn.Module,
+    criterion: SetCriterion,
+    batches: list[GroundingBatch],
+    device: torch.device,
+    special_token_ids: tuple[int, ...],
+    bf16: bool = False,
+) -> tuple[float, dict[str, float]]:
     """Backward of the window's loss, each batch weighted by its share of the target boxes.
 
     Returns:
@@ -152,13 +178,18 @@ def accumulate_gradients(model: nn.Module, criterion: SetCriterion,
     for batch, count in zip(batches, boxes, strict=True):
         weight = max(count, 1) / total_boxes
         try:
-            total, components = batch_loss(model, criterion, batch.to(device), special_token_ids,
-                                           bf16)
+            total, components = batch_loss(
+                model, criterion, batch.to(device), special_token_ids, bf16
+            )
             if not bool(torch.isfinite(total)):
-                bad = [f"{name}={float(value)}" for name, value in components.items()
-                       if not bool(torch.isfinite(value))]
-                raise TrainingStopped(f"the loss is {float(total.detach())} "
-                                      f"({', '.join(bad) or 'total'})")
+                bad = [
+                    f"{name}={float(value)}"
+                    for name, value in components.items()
+                    if not bool(torch.isfinite(value))
+                ]
+                raise TrainingStopped(
+                    f"the loss is {float(total.detach())} ({', '.join(bad) or 'total'})"
+                )
         except TrainingStopped as error:
             raise TrainingStopped(f"{error} on images {batch.image_ids}") from None
         (total * weight).backward()
@@ -187,9 +218,16 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def save_checkpoint(directory: Path, model: nn.Module, tokenizer, *,
-                    training_state: dict | None = None, metrics: dict | None = None,
-                    image_size: int | None = None, max_size: int | None = None) -> None:
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    tokenizer,
+    *,
+    training_state: dict | None = None,
+    metrics: dict | None = None,
+    image_size: int | None = None,
+    max_size: int | None = None,
+) -> None:
     """A checkpoint directory (`grounding.save_detector`: transformers' format, or ours for a
     model with `config.contrastive_bias`) + `training_state.pt` and `metrics.json`, written beside
     and then renamed over `directory`, so an interrupted save leaves the old one intact."""
@@ -228,29 +266,45 @@ class Trainer:
         extra_state: saved in `training_state.pt` as is (configuration, flags).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, criterion: SetCriterion,
-                 optimizer: torch.optim.Optimizer, scheduler, dataset: CocoGroundingDataset,
-                 options: TrainingOptions, device: torch.device, *,
-                 frozen_modules: list[str], extra_state: dict) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        criterion: SetCriterion,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        dataset: CocoGroundingDataset,
+        options: TrainingOptions,
+        device: torch.device,
+        *,
+        frozen_modules: list[str],
+        extra_state: dict,
+    ) -> None:
         self.model, self.tokenizer, self.criterion = model, tokenizer, criterion
         self.optimizer, self.scheduler, self.dataset = optimizer, scheduler, dataset
         self.options, self.device = options, device
         self.frozen_modules, self.extra_state = frozen_modules, extra_state
-        self.special_token_ids = (tokenizer.cls_token_id, tokenizer.sep_token_id,
-                                  *tokenizer.convert_tokens_to_ids([".", "?"]))
+        self.special_token_ids = (
+            tokenizer.cls_token_id,
+            tokenizer.sep_token_id,
+            *tokenizer.convert_tokens_to_ids([".", "?"]),
+        )
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
         self.progress = Progress()
         self.log = MetricsLog(options.out_dir / "metrics.jsonl")
         self.batches_per_epoch = math.ceil(len(dataset) / options.batch_size)
-        self.steps_per_epoch = steps_per_epoch(len(dataset), options.batch_size,
-                                               options.accumulate)
+        self.steps_per_epoch = steps_per_epoch(len(dataset), options.batch_size, options.accumulate)
         self.skipped_batches = 0
         self._started, self._seconds_before = time.perf_counter(), 0.0
 
     def state_dict(self) -> dict:
         """Everything `--resume` needs besides the weights and the RNG states."""
-        return {"progress": asdict(self.progress), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), **self.extra_state}
+        return {
+            "progress": asdict(self.progress),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **self.extra_state,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Optimiser, schedule and progress (restore the RNG states last, when all is built)."""
@@ -269,15 +323,23 @@ class Trainer:
             if epoch_done:
                 progress.epoch, progress.position = progress.epoch + 1, 0
             evaluate = options.val_images is not None and (
-                self._reached_max_steps() or epoch_done and (
-                    progress.epoch % options.eval_every == 0 or progress.epoch == options.epochs))
+                self._reached_max_steps()
+                or epoch_done
+                and (progress.epoch % options.eval_every == 0 or progress.epoch == options.epochs)
+            )
             self._checkpoint(evaluate)
         seconds = time.perf_counter() - self._started
-        return {"steps": progress.step, "epochs": progress.epoch, "seconds": seconds,
-                "steps_per_second": (progress.step - steps_at_start) / max(seconds, 1e-9),
-                "skipped_batches": self.skipped_batches, "best_ap": progress.best_ap,
-                "best_step": progress.best_step, "last": str(options.out_dir / "last"),
-                "best": str(options.out_dir / "best") if progress.best_ap is not None else None}
+        return {
+            "steps": progress.step,
+            "epochs": progress.epoch,
+            "seconds": seconds,
+            "steps_per_second": (progress.step - steps_at_start) / max(seconds, 1e-9),
+            "skipped_batches": self.skipped_batches,
+            "best_ap": progress.best_ap,
+            "best_step": progress.best_step,
+            "last": str(options.out_dir / "last"),
+            "best": str(options.out_dir / "best") if progress.best_ap is not None else None,
+        }
 
     def _elapsed(self) -> float:
         """Training seconds, earlier runs included."""
@@ -292,12 +354,23 @@ class Trainer:
 
         options, progress = self.options, self.progress
         set_training_mode(self.model, self.frozen_modules)
-        loader = epoch_batches(self.dataset, batch_size=options.batch_size, seed=options.seed,
-                               epoch=progress.epoch, start=progress.position,
-                               workers=options.workers)
-        bar = tqdm(total=self.steps_per_epoch, initial=progress.position // options.accumulate,
-                   desc=f"epoch {progress.epoch + 1}/{options.epochs}", unit="step",
-                   disable=not options.progress, file=sys.stderr, dynamic_ncols=True)
+        loader = epoch_batches(
+            self.dataset,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            epoch=progress.epoch,
+            start=progress.position,
+            workers=options.workers,
+        )
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=progress.position // options.accumulate,
+            desc=f"epoch {progress.epoch + 1}/{options.epochs}",
+            unit="step",
+            disable=not options.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         window: list[GroundingBatch] = []
         consumed = 0
         with bar:
@@ -314,11 +387,19 @@ class Trainer:
                 consumed = 0
                 if window:
                     record = self._step(window)
-                    bar.set_postfix({name.removeprefix("loss_"): f"{record[name]:.3g}"
-                                     for name in ("loss", *SHOWN_TERMS)}, refresh=False)
+                    bar.set_postfix(
+                        {
+                            name.removeprefix("loss_"): f"{record[name]:.3g}"
+                            for name in ("loss", *SHOWN_TERMS)
+                        },
+                        refresh=False,
+                    )
                 else:
-                    logger.warning("epoch %d: no readable image in batches up to %d; no step",
-                                   progress.epoch + 1, progress.position)
+                    logger.warning(
+                        "epoch %d: no readable image in batches up to %d; no step",
+                        progress.epoch + 1,
+                        progress.position,
+                    )
                 window = []
                 bar.update(1)
                 if self._reached_max_steps():
@@ -330,8 +411,14 @@ class Trainer:
         options, progress = self.options, self.progress
         rates = {f"lr_{group['name']}": group["lr"] for group in self.optimizer.param_groups}
         try:
-            loss, terms = accumulate_gradients(self.model, self.criterion, window, self.device,
-                                               self.special_token_ids, options.bf16)
+            loss, terms = accumulate_gradients(
+                self.model,
+                self.criterion,
+                window,
+                self.device,
+                self.special_token_ids,
+                options.bf16,
+            )
             max_norm = options.clip_max_norm if options.clip_max_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
             if not np.isfinite(grad_norm):
@@ -343,24 +430,35 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         progress.step += 1
-        record = {"type": "train", "step": progress.step, "epoch": progress.epoch + 1,
-                  "lr": rates.get("lr_detector", self.optimizer.param_groups[-1]["lr"]),
-                  **rates, "loss": loss, **terms, "grad_norm": grad_norm,
-                  "images": sum(len(batch) for batch in window),
-                  "seconds": round(self._elapsed(), 3)}
+        record = {
+            "type": "train",
+            "step": progress.step,
+            "epoch": progress.epoch + 1,
+            "lr": rates.get("lr_detector", self.optimizer.param_groups[-1]["lr"]),
+            **rates,
+            "loss": loss,
+            **terms,
+            "grad_norm": grad_norm,
+            "images": sum(len(batch) for batch in window),
+            "seconds": round(self._elapsed(), 3),
+        }
         if progress.step % options.log_every == 0 or progress.step == 1:
             self.log.write(record)
         return record
 
     def _stop_message(self, problem: str) -> str:
         progress, last = self.progress, self.options.out_dir / "last"
-        kept = (f"the last good checkpoint is {last} (step {progress.saved_step}); continue "
-                "from it with --resume, for example with a lower --lr or --clip-max-norm"
-                if progress.saved_step is not None else
-                "no checkpoint was saved before it (none is written before the first epoch "
-                "ends or --max-steps is reached)")
-        return (f"training stopped at step {progress.step + 1} (epoch {progress.epoch + 1}): "
-                f"{problem}. Nothing was saved from this step; {kept}.")
+        kept = (
+            f"the last good checkpoint is {last} (step {progress.saved_step}); continue "
+            "from it with --resume, for example with a lower --lr or --clip-max-norm"
+            if progress.saved_step is not None
+            else "no checkpoint was saved before it (none is written before the first epoch "
+            "ends or --max-steps is reached)"
+        )
+        return (
+            f"training stopped at step {progress.step + 1} (epoch {progress.epoch + 1}): "
+            f"{problem}. Nothing was saved from this step; {kept}."
+        )
 
     def _checkpoint(self, evaluate: bool) -> None:
         """Evaluate (when asked), save `best/` when it improved, then `last/`; RNG untouched."""
@@ -371,18 +469,33 @@ class Trainer:
             random_state = rng_state()
             if evaluate:
                 metrics = self.evaluate()
-                self.log.write({"type": "eval", "step": progress.step, "epoch": progress.epoch,
-                                **metrics, "seconds": round(self._elapsed(), 3)})
+                self.log.write(
+                    {
+                        "type": "eval",
+                        "step": progress.step,
+                        "epoch": progress.epoch,
+                        **metrics,
+                        "seconds": round(self._elapsed(), 3),
+                    }
+                )
                 ap = metrics["AP"]
                 if ap is not None and (progress.best_ap is None or ap > progress.best_ap):
                     progress.best_ap, progress.best_step = ap, progress.step
-                    save_checkpoint(self.options.out_dir / "best", self.model, self.tokenizer,
-                                    metrics={"step": progress.step, "epoch": progress.epoch,
-                                             **metrics}, **self._resize)
+                    save_checkpoint(
+                        self.options.out_dir / "best",
+                        self.model,
+                        self.tokenizer,
+                        metrics={"step": progress.step, "epoch": progress.epoch, **metrics},
+                        **self._resize,
+                    )
             progress.seconds, progress.saved_step = self._elapsed(), progress.step
-            save_checkpoint(self.options.out_dir / "last", self.model, self.tokenizer,
-                            training_state={**self.state_dict(), "rng": random_state},
-                            **self._resize)
+            save_checkpoint(
+                self.options.out_dir / "last",
+                self.model,
+                self.tokenizer,
+                training_state={**self.state_dict(), "rng": random_state},
+                **self._resize,
+            )
         set_training_mode(self.model, self.frozen_modules)
 
     @property
@@ -400,10 +513,16 @@ class Trainer:
         detector = Detector(self.model, self.tokenizer, self.device)
         try:
             predictions = predict_dataset(
-                detector, options.val_images, annotations, batch_size=options.batch_size,
-                max_images=options.val_max_images, size=options.eval_size,
-                max_size=options.eval_max_size, workers=options.workers,
-                progress=options.progress)
+                detector,
+                options.val_images,
+                annotations,
+                batch_size=options.batch_size,
+                max_images=options.val_max_images,
+                size=options.eval_size,
+                max_size=options.eval_max_size,
+                workers=options.workers,
+                progress=options.progress,
+            )
         finally:
             set_training_mode(self.model, self.frozen_modules)
         return evaluate_predictions(annotations, predictions.results, predictions.image_ids)

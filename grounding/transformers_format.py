@@ -69,15 +69,22 @@ def transformers_config(config: GroundingDINOConfig):
 
     swin = config.backbone
     backbone = HFSwinConfig(
-        embed_dim=swin.embed_dim, depths=list(swin.depths), num_heads=list(swin.num_heads),
-        window_size=swin.window_size, patch_size=swin.patch_size, mlp_ratio=swin.mlp_ratio,
+        embed_dim=swin.embed_dim,
+        depths=list(swin.depths),
+        num_heads=list(swin.num_heads),
+        window_size=swin.window_size,
+        patch_size=swin.patch_size,
+        mlp_ratio=swin.mlp_ratio,
         # transformers counts the patch embedding as stage 0.
         out_indices=[i + 1 for i in swin.out_indices],
-        layer_norm_eps=swin.layer_norm_eps, drop_path_rate=swin.drop_path_rate,
+        layer_norm_eps=swin.layer_norm_eps,
+        drop_path_rate=swin.drop_path_rate,
     )
     if not float(config.position_temperature).is_integer():
-        raise ValueError(f"position_temperature {config.position_temperature} has a fraction: "
-                         "transformers' config stores it as an int")
+        raise ValueError(
+            f"position_temperature {config.position_temperature} has a fraction: "
+            "transformers' config stores it as an int"
+        )
     return HFGroundingDinoConfig(
         backbone_config=backbone,
         text_config=BertConfig(**config.text),
@@ -97,8 +104,11 @@ def transformers_config(config: GroundingDINOConfig):
         layer_norm_eps=config.layer_norm_eps,
         fusion_droppath=config.fusion_drop_path,
         dropout=0.0,
-        two_stage=True, embedding_init_target=True, decoder_bbox_embed_share=True,
-        two_stage_bbox_embed_share=False, query_dim=4,
+        two_stage=True,
+        embedding_init_target=True,
+        decoder_bbox_embed_share=True,
+        two_stage_bbox_embed_share=False,
+        query_dim=4,
     )
 
 
@@ -116,15 +126,18 @@ def transformers_skeleton(config: GroundingDINOConfig) -> nn.Module:
         return GroundingDinoForObjectDetection(transformers_config(config)).eval()
 
 
-def transformers_key_map(config: GroundingDINOConfig, transformers_keys: Iterable[str],
-                         ) -> dict[str, Source]:
+def transformers_key_map(
+    config: GroundingDINOConfig,
+    transformers_keys: Iterable[str],
+) -> dict[str, Source]:
     """Our source of every transformers key, found by the loader's rules.
 
     Raises:
         KeyMappingError: a key that the loader's rules do not cover.
     """
-    compiled = [(re.compile(pattern), replacement)
-                for pattern, replacement in transformers_rules(config)]
+    compiled = [
+        (re.compile(pattern), replacement) for pattern, replacement in transformers_rules(config)
+    ]
     mapping: dict[str, Source] = {}
     unmatched = []
     for key in transformers_keys:
@@ -137,22 +150,26 @@ def transformers_key_map(config: GroundingDINOConfig, transformers_keys: Iterabl
                     raise KeyMappingError(f"{key} is dropped on load and has no value to write")
                 mapping[key] = None
             else:
-                target = replacement(match) if callable(replacement) \
-                    else match.expand(replacement)
+                target = replacement(match) if callable(replacement) else match.expand(replacement)
                 ours, _, part = target.partition("#")
                 mapping[key] = (ours, part)
             break
         else:
             unmatched.append(key)
     if unmatched:
-        raise KeyMappingError(f"{len(unmatched)} transformers key(s) have no counterpart in our "
-                              f"model: {', '.join(unmatched[:10])}")
+        raise KeyMappingError(
+            f"{len(unmatched)} transformers key(s) have no counterpart in our "
+            f"model: {', '.join(unmatched[:10])}"
+        )
     return mapping
 
 
-def transformers_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32,
-                            skeleton: nn.Module | None = None,
-                            device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def transformers_state_dict(
+    model: nn.Module,
+    dtype: torch.dtype = torch.float32,
+    skeleton: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
     """Our weights under transformers' current key names.
 
     Every key of transformers' state dict is present; the tied aliases of the box head hold one
@@ -177,28 +194,43 @@ def transformers_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32
     if missing:
         raise KeyMappingError(f"transformers needs tensors our model lacks: {missing[:10]}")
     # One copy per source, so the tied aliases of the box head share it.
-    converted = {source: _copy(ours[source[0]], source[1], dtype, device)
-                 for source in set(mapping.values()) if source is not None}
-    state_dict = {key: converted[source] if source is not None
-                  else _UNUSED_VALUES[key](expected[key].shape, dtype=dtype, device=device)
-                  for key, source in mapping.items()}
-    problems = [f"{key}: transformers {tuple(expected[key].shape)}, ours {tuple(tensor.shape)}"
-                for key, tensor in state_dict.items() if tensor.shape != expected[key].shape]
+    converted = {
+        source: _copy(ours[source[0]], source[1], dtype, device)
+        for source in set(mapping.values())
+        if source is not None
+    }
+    state_dict = {
+        key: converted[source]
+        if source is not None
+        else _UNUSED_VALUES[key](expected[key].shape, dtype=dtype, device=device)
+        for key, source in mapping.items()
+    }
+    problems = [
+        f"{key}: transformers {tuple(expected[key].shape)}, ours {tuple(tensor.shape)}"
+        for key, tensor in state_dict.items()
+        if tensor.shape != expected[key].shape
+    ]
     parts: dict[str, set[str]] = {}
     for source in converted:
         parts.setdefault(source[0], set()).add(source[1])
-    unwritten = sorted(key for key in ours
-                       if "" not in parts.get(key, ()) and parts.get(key) != set(_PARTS))
+    unwritten = sorted(
+        key for key in ours if "" not in parts.get(key, ()) and parts.get(key) != set(_PARTS)
+    )
     if unwritten:
         problems.append(f"tensors of ours that no transformers key receives: {unwritten[:10]}")
     if problems:
-        raise KeyMappingError("cannot express this model in transformers' layout: "
-                              + "; ".join(problems[:10]))
+        raise KeyMappingError(
+            "cannot express this model in transformers' layout: " + "; ".join(problems[:10])
+        )
     return state_dict
 
 
-def _copy(tensor: torch.Tensor, part: str, dtype: torch.dtype, device: str | torch.device,
-          ) -> torch.Tensor:
+def _copy(
+    tensor: torch.Tensor,
+    part: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> torch.Tensor:
     """A contiguous copy on `device` of `tensor` or of its q/k/v third, floats cast to `dtype`."""
     tensor = tensor.detach()
     if part:  # (3 C, ...) packed q/k/v -> (C, ...) the third of this part
@@ -207,9 +239,15 @@ def _copy(tensor: torch.Tensor, part: str, dtype: torch.dtype, device: str | tor
     return tensor.to(device, dtype=cast, copy=True).contiguous()
 
 
-def save_pretrained(detector_or_model: Detector | nn.Module, directory: str | Path,
-                    tokenizer=None, *, dtype: torch.dtype = torch.float32,
-                    image_size: int | None = None, max_size: int | None = None) -> Path:
+def save_pretrained(
+    detector_or_model: Detector | nn.Module,
+    directory: str | Path,
+    tokenizer=None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
+    max_size: int | None = None,
+) -> Path:
     """Write a transformers-format checkpoint directory; returns its path.
 
     Args:
@@ -231,9 +269,11 @@ def save_pretrained(detector_or_model: Detector | nn.Module, directory: str | Pa
     else:
         model = detector_or_model
     if model.config.contrastive_bias:
-        raise ValueError("transformers' format has no place for the scaled, biased "
-                         "classification head (config.contrastive_bias): save with "
-                         "grounding.save_detector, which writes our own format for it")
+        raise ValueError(
+            "transformers' format has no place for the scaled, biased "
+            "classification head (config.contrastive_bias): save with "
+            "grounding.save_detector, which writes our own format for it"
+        )
     directory = Path(directory)
     skeleton = transformers_skeleton(model.config).to(dtype)
     state_dict = transformers_state_dict(model, dtype, skeleton)
@@ -242,9 +282,12 @@ def save_pretrained(detector_or_model: Detector | nn.Module, directory: str | Pa
     if tokenizer is not None:
         # ImageNet normalisation and, by default, the reference's resize (800, max 1333), as in
         # the Hub's IDEA-Research/grounding-dino-* repositories.
-        size = {"shortest_edge": image_size or DEFAULT_IMAGE_SIZE,
-                "longest_edge": max_size or DEFAULT_MAX_SIZE}
-        processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size=size),
-                                           tokenizer=tokenizer)
+        size = {
+            "shortest_edge": image_size or DEFAULT_IMAGE_SIZE,
+            "longest_edge": max_size or DEFAULT_MAX_SIZE,
+        }
+        processor = GroundingDinoProcessor(
+            image_processor=GroundingDinoImageProcessor(size=size), tokenizer=tokenizer
+        )
         processor.save_pretrained(directory)
     return directory

@@ -36,12 +36,17 @@ def to_pil_rgb(image: Image.Image | np.ndarray) -> Image.Image:
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise ValueError("the image is empty (0 pixels)")
         return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
-    raise ValueError(f"expected a PIL image or an H x W x 3 uint8 numpy array, "
-                     f"got {type(image).__name__}")
+    raise ValueError(
+        f"expected a PIL image or an H x W x 3 uint8 numpy array, got {type(image).__name__}"
+    )
 
 
-def resized_size(width: int, height: int, size: int = 800, max_size: int = 1333,
-                 ) -> tuple[int, int]:
+def resized_size(
+    width: int,
+    height: int,
+    size: int = 800,
+    max_size: int = 1333,
+) -> tuple[int, int]:
     """(width, height) after the reference resize: short side `size`, long side <= `max_size`."""
     short, long = min(width, height), max(width, height)
     if long / short * size > max_size:
@@ -78,8 +83,7 @@ def batch_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     height = max(image.shape[-2] for image in images)
     width = max(image.shape[-1] for image in images)
     pixels = images[0].new_zeros(len(images), 3, height, width)
-    padding_mask = torch.ones(len(images), height, width, dtype=torch.bool,
-                              device=images[0].device)
+    padding_mask = torch.ones(len(images), height, width, dtype=torch.bool, device=images[0].device)
     for index, image in enumerate(images):
         pixels[index, :, : image.shape[-2], : image.shape[-1]] = image
         padding_mask[index, : image.shape[-2], : image.shape[-1]] = False

@@ -1,12 +1,12 @@
 """Segment Anything (SAM), prompted by Grounding DINO's boxes: the Grounded SAM pipeline.
 
-    import segmentation
-    pipeline = segmentation.load_pipeline()            # SwinT-OGC + SAM ViT-B
-    image = segmentation.load_image("cats.jpg")
-    result = pipeline.run(image, "a cat . a remote control .", box_threshold=0.35)
-    picture = segmentation.annotate(image, result)     # (H, W, 3) uint8 RGB
-    coco = segmentation.to_coco(result, file_name="cats.jpg", width=image.width,
-                                height=image.height)
+import segmentation
+pipeline = segmentation.load_pipeline()            # SwinT-OGC + SAM ViT-B
+image = segmentation.load_image("cats.jpg")
+result = pipeline.run(image, "a cat . a remote control .", box_threshold=0.35)
+picture = segmentation.annotate(image, result)     # (H, W, 3) uint8 RGB
+coco = segmentation.to_coco(result, file_name="cats.jpg", width=image.width,
+                            height=image.height)
 """
 
 from segmentation.build import load_pipeline
@@ -30,8 +30,23 @@ from segmentation.sam import (
 from segmentation.visualize import annotate, annotated_image_value, legend
 
 __all__ = [
-    "SAM_CHECKPOINTS", "BoxSegmenter", "GroundedSAM", "ImageEmbedding", "PipelineStats",
-    "SegmentedDetections", "annotate", "annotated_image_value", "build_sam", "legend",
-    "load_image", "load_pipeline", "rle_decode", "rle_encode", "sam_checkpoint", "to_coco",
-    "to_json_dict", "to_zip", "write_zip",
+    "SAM_CHECKPOINTS",
+    "BoxSegmenter",
+    "GroundedSAM",
+    "ImageEmbedding",
+    "PipelineStats",
+    "SegmentedDetections",
+    "annotate",
+    "annotated_image_value",
+    "build_sam",
+    "legend",
+    "load_image",
+    "load_pipeline",
+    "rle_decode",
+    "rle_encode",
+    "sam_checkpoint",
+    "to_coco",
+    "to_json_dict",
+    "to_zip",
+    "write_zip",
 ]

@@ -42,8 +42,10 @@ from segmentation.pipeline import CacheMiss
 MAX_PROMPT_CHARS = 2000
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # also the server's max_file_size (app.py)
 EXAMPLE_ASSETS = Path(__file__).resolve().parent.parent / "assets"
-NOT_UPLOADED = ("The image must be uploaded (through the page, or with gradio_client's "
-                "handle_file); server paths are not accepted.")
+NOT_UPLOADED = (
+    "The image must be uploaded (through the page, or with gradio_client's "
+    "handle_file); server paths are not accepted."
+)
 MAX_DETECTIONS = 100  # each mask is H x W bytes and about 0.1 s of SAM decoding on a CPU
 BACKGROUND_BOXES = 48  # decoded after each run, just below the threshold: sliding down is instant
 ZERO_GPU_PREFETCH_BOXES = 48  # on ZeroGPU the GPU call decodes them (milliseconds each) instead
@@ -141,21 +143,28 @@ def bad_input(message: str, title: str = "Error") -> gr.Error:
 
 def check_prompt(prompt) -> str:
     if not isinstance(prompt, str) or not any(character.isalnum() for character in prompt):
-        raise bad_input("Type what to find, for example 'a cat . a remote control .'",
-                        title="Empty prompt")
+        raise bad_input(
+            "Type what to find, for example 'a cat . a remote control .'", title="Empty prompt"
+        )
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise bad_input(f"The prompt has {len(prompt)} characters; the limit is "
-                        f"{MAX_PROMPT_CHARS}.", title="Prompt too long")
+        raise bad_input(
+            f"The prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.",
+            title="Prompt too long",
+        )
     return prompt
 
 
 def check_threshold(name: str, value) -> float:
     """A real number in [0, 1]: not a string, not `true`, not NaN."""
-    if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not 0.0 <= float(value) <= 1.0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0.0 <= float(value) <= 1.0
+    ):
         shown = text_for_message(repr(value), 40)
-        raise bad_input(f"{name} must be a number between 0 and 1, got {shown}",
-                        title="Bad threshold")
+        raise bad_input(
+            f"{name} must be a number between 0 and 1, got {shown}", title="Bad threshold"
+        )
     return float(value)
 
 
@@ -181,8 +190,11 @@ def read_upload(path: str) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise bad_input(NOT_UPLOADED, title="Image not uploaded")
         if info.st_size > MAX_UPLOAD_BYTES:
-            raise bad_input(f"The file has {info.st_size / 2**20:.0f} MB; the limit is "
-                            f"{MAX_UPLOAD_BYTES // 2**20} MB.", title="File too large")
+            raise bad_input(
+                f"The file has {info.st_size / 2**20:.0f} MB; the limit is "
+                f"{MAX_UPLOAD_BYTES // 2**20} MB.",
+                title="File too large",
+            )
         try:
             return handle.read(MAX_UPLOAD_BYTES + 1)
         except OSError:
@@ -199,8 +211,10 @@ def decode_image(path: str | None) -> np.ndarray:
     try:  # from bytes, so messages say "the uploaded file", not a server path
         return np.asarray(load_image(data))
     except (OSError, ValueError) as error:
-        raise bad_input(f"This file cannot be used as an image: {text_for_message(error)}",
-                        title="Unreadable image") from None
+        raise bad_input(
+            f"This file cannot be used as an image: {text_for_message(error)}",
+            title="Unreadable image",
+        ) from None
 
 
 def text_for_message(value, limit: int = 200) -> str:
@@ -213,27 +227,39 @@ def validate_run(image_value, prompt, box_threshold, text_threshold, session) ->
     """Event validator: refuse a run without image or prompt before it is queued."""
     has_words = isinstance(prompt, str) and any(character.isalnum() for character in prompt)
     valid = gr.validate(True, "")
-    return [gr.validate(upload_path(image_value) is not None, "Upload an image first."),
-            gr.validate(has_words, "Type what to find, for example 'cat . dog .'"),
-            valid, valid, valid]
+    return [
+        gr.validate(upload_path(image_value) is not None, "Upload an image first."),
+        gr.validate(has_words, "Type what to find, for example 'cat . dog .'"),
+        valid,
+        valid,
+        valid,
+    ]
 
 
 # ----------------------------------------------------------------------------- running
 
 
-def segment(image: np.ndarray, prompt: str, box_threshold: float, text_threshold: float,
-            models: bool = True):
+def segment(
+    image: np.ndarray, prompt: str, box_threshold: float, text_threshold: float, models: bool = True
+):
     """One pipeline call, at most MAX_DETECTIONS detections."""
     try:
-        return MODELS.get().run(image, prompt, box_threshold, text_threshold,
-                                max_detections=MAX_DETECTIONS, models=models)
+        return MODELS.get().run(
+            image,
+            prompt,
+            box_threshold,
+            text_threshold,
+            max_detections=MAX_DETECTIONS,
+            models=models,
+        )
     except ValueError as error:  # e.g. one phrase of the prompt longer than 256 tokens
         raise bad_input(text_for_message(error), title="Cannot segment") from None
 
 
 @gpu
-def segment_on_device(image: np.ndarray, prompt: str, box_threshold: float,
-                      text_threshold: float) -> tuple:
+def segment_on_device(
+    image: np.ndarray, prompt: str, box_threshold: float, text_threshold: float
+) -> tuple:
     """`segment` where the models can run, and the cache entries it added.
 
     On ZeroGPU this runs in a forked worker process: arguments and results are pickled, and
@@ -249,13 +275,20 @@ def loaded_models():
     try:
         return MODELS.get()
     except (OSError, ValueError, RuntimeError) as error:
-        raise gr.Error(f"The models could not be loaded: {text_for_message(error, 500)} "
-                       "(To try the interface without weights, start the app with --offline.)",
-                       title="Models") from None
+        raise gr.Error(
+            f"The models could not be loaded: {text_for_message(error, 500)} "
+            "(To try the interface without weights, start the app with --offline.)",
+            title="Models",
+        ) from None
 
 
-def run_pipeline(image: np.ndarray, prompt: str, box_threshold, text_threshold,
-                 progress: gr.Progress | None = None):
+def run_pipeline(
+    image: np.ndarray,
+    prompt: str,
+    box_threshold,
+    text_threshold,
+    progress: gr.Progress | None = None,
+):
     """Check inputs, load the models if needed (with progress), then segment."""
     prompt = check_prompt(prompt)
     box_threshold = check_threshold("box_threshold", box_threshold)
@@ -275,9 +308,16 @@ def run_pipeline(image: np.ndarray, prompt: str, box_threshold, text_threshold,
     return result
 
 
-def present(image: np.ndarray, result, prompt: str, box_threshold: float, name: str,
-            seconds: float, progress: gr.Progress | None = None,
-            rle_cache: dict | None = None) -> tuple:
+def present(
+    image: np.ndarray,
+    result,
+    prompt: str,
+    box_threshold: float,
+    name: str,
+    seconds: float,
+    progress: gr.Progress | None = None,
+    rle_cache: dict | None = None,
+) -> tuple:
     """(annotated JPEG path, legend, table, [COCO JSON] download, message) for the UI.
 
     Plain values only: Gradio 6.31 fails on component updates returned while caching examples.
@@ -291,17 +331,25 @@ def present(image: np.ndarray, result, prompt: str, box_threshold: float, name: 
     # them (about 30 ms per answer).
     folder = export_folders(gr.utils.get_upload_folder()).new_run()
     rles = report.cached_rles(result, rle_cache) if rle_cache is not None else None
-    return (report.write_picture(annotate(image, result), folder, name),
-            report.legend_html(result), report.table(result),
-            report.write_exports(image, result, name, with_zip=False, folder=folder, rles=rles),
-            report.summary(result, prompt, box_threshold, seconds))
+    return (
+        report.write_picture(annotate(image, result), folder, name),
+        report.legend_html(result),
+        report.table(result),
+        report.write_exports(image, result, name, with_zip=False, folder=folder, rles=rles),
+        report.summary(result, prompt, box_threshold, seconds),
+    )
 
 
 def write_zip_exports(image: np.ndarray, result, name: str) -> list[str]:
     """[COCO JSON, ZIP] in a fresh export folder; a ZIP over its size bound is a user error."""
     try:
-        return report.write_exports(image, result, name, with_zip=True,
-                                    folder=export_folders(gr.utils.get_upload_folder()).new_run())
+        return report.write_exports(
+            image,
+            result,
+            name,
+            with_zip=True,
+            folder=export_folders(gr.utils.get_upload_folder()).new_run(),
+        )
     except ValueError as error:
         raise bad_input(text_for_message(error), title="Export too large") from None
 
@@ -312,17 +360,17 @@ def write_zip_exports(image: np.ndarray, result, name: str) -> list[str]:
 def pausing_background(handler: Callable) -> Callable:
     """Hold the pipeline's background decoding while `handler` runs, draws and exports: on a
     2-core CPU it would slow the answer down (nothing to hold before the models load)."""
+
     @functools.wraps(handler)
     def held(*args, **kwargs):
         with MODELS.get().hold() if MODELS.loaded else contextlib.nullcontext():
             return handler(*args, **kwargs)
+
     return held
 
 
-
 @pausing_background
-def ui_segment(image_value, prompt, box_threshold, text_threshold, session,
-               progress=PROGRESS):
+def ui_segment(image_value, prompt, box_threshold, text_threshold, session, progress=PROGRESS):
     """Run button / Enter: decode the upload once per session, run, show everything."""
     path = upload_path(image_value)
     if session is not None and session["source"] == path:
@@ -332,28 +380,46 @@ def ui_segment(image_value, prompt, box_threshold, text_threshold, session,
         session = {"source": path, "image": image, "rles": {}}
     start = time.perf_counter()
     result = run_pipeline(image, prompt, box_threshold, text_threshold, progress)
-    outputs = present(image, result, prompt, float(box_threshold), upload_name(image_value),
-                      time.perf_counter() - start, progress, session["rles"])
+    outputs = present(
+        image,
+        result,
+        prompt,
+        float(box_threshold),
+        upload_name(image_value),
+        time.perf_counter() - start,
+        progress,
+        session["rles"],
+    )
     return (*outputs, session)
 
 
-def ui_rethreshold(image_value, prompt, box_threshold, text_threshold, session,
-                   progress=PROGRESS):
+def ui_rethreshold(image_value, prompt, box_threshold, text_threshold, session, progress=PROGRESS):
     """Slider release: the pipeline re-filters its cached result (no model runs, no decoding
     when the session holds the image); without an image and a prompt, nothing happens."""
-    if upload_path(image_value) is None or not isinstance(prompt, str) \
-            or not any(character.isalnum() for character in prompt):
+    if (
+        upload_path(image_value) is None
+        or not isinstance(prompt, str)
+        or not any(character.isalnum() for character in prompt)
+    ):
         return (gr.skip(),) * (UI_OUTPUT_COUNT + 1)
     return ui_segment(image_value, prompt, box_threshold, text_threshold, session, progress)
 
 
 @pausing_background
-def ui_zip(image_value, prompt, box_threshold, text_threshold, session, progress=PROGRESS,
-           ) -> list[str]:
-    """"Prepare ZIP": the COCO JSON plus per-object masks and cut-outs for what is shown."""
+def ui_zip(
+    image_value,
+    prompt,
+    box_threshold,
+    text_threshold,
+    session,
+    progress=PROGRESS,
+) -> list[str]:
+    """ "Prepare ZIP": the COCO JSON plus per-object masks and cut-outs for what is shown."""
     if session is None or session["source"] != upload_path(image_value):
-        raise bad_input("Press Segment first; the ZIP holds the masks of the shown result.",
-                        title="Nothing to export")
+        raise bad_input(
+            "Press Segment first; the ZIP holds the masks of the shown result.",
+            title="Nothing to export",
+        )
     result = run_pipeline(session["image"], prompt, box_threshold, text_threshold, progress)
     progress(0.6, desc=f"Writing {len(result)} masks and cut-outs")
     return write_zip_exports(session["image"], result, upload_name(image_value))
@@ -365,8 +431,15 @@ def example_segment(image_path: str, prompt: str, progress=PROGRESS):
     image = decode_image(image_path)
     start = time.perf_counter()
     result = run_pipeline(image, prompt, BOX_THRESHOLD, TEXT_THRESHOLD, progress)
-    return present(image, result, prompt, BOX_THRESHOLD, upload_name(image_path),
-                   time.perf_counter() - start, progress)
+    return present(
+        image,
+        result,
+        prompt,
+        BOX_THRESHOLD,
+        upload_name(image_path),
+        time.perf_counter() - start,
+        progress,
+    )
 
 
 @pausing_background

@@ -15,12 +15,17 @@ from segmentation.sam import BoxSegmenter, build_sam
 from segmentation.sam import sam_checkpoint as official_sam_checkpoint
 
 
-def load_pipeline(*, detector: str | os.PathLike = "swint_ogc", sam: str = "vit_b",
-                  device: str | torch.device | None = None, offline: bool = False,
-                  sam_checkpoint: str | os.PathLike | None = None,
-                  detector_config: str = "swint_ogc",
-                  text_encoder: str | os.PathLike | None = None,
-                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> GroundedSAM:
+def load_pipeline(
+    *,
+    detector: str | os.PathLike = "swint_ogc",
+    sam: str = "vit_b",
+    device: str | torch.device | None = None,
+    offline: bool = False,
+    sam_checkpoint: str | os.PathLike | None = None,
+    detector_config: str = "swint_ogc",
+    text_encoder: str | os.PathLike | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> GroundedSAM:
     """Grounding DINO + SAM, weights loaded, on `device`.
 
     Args:
@@ -43,19 +48,23 @@ def load_pipeline(*, detector: str | os.PathLike = "swint_ogc", sam: str = "vit_
             message names the file and how to supply it).
     """
     if offline:
-        return GroundedSAM(shapes_detector(device), BoxSegmenter(shapes_sam(device)),
-                           cache_bytes=cache_bytes)
+        return GroundedSAM(
+            shapes_detector(device), BoxSegmenter(shapes_sam(device)), cache_bytes=cache_bytes
+        )
     if not (detector in PRESETS or Path(detector).exists()):
-        raise ValueError(f"unknown detector {detector!r}: choose one of {sorted(PRESETS)} or give "
-                         "the path of a checkpoint")
+        raise ValueError(
+            f"unknown detector {detector!r}: choose one of {sorted(PRESETS)} or give "
+            "the path of a checkpoint"
+        )
     # Resolved first, so a missing SAM file is reported before the detector spends time loading.
     sam_path = sam_checkpoint if sam_checkpoint is not None else official_sam_checkpoint(sam)
     if detector in PRESETS:
-        grounding_detector = load_detector(config=detector, text_encoder=text_encoder,
-                                           device=device)
+        grounding_detector = load_detector(
+            config=detector, text_encoder=text_encoder, device=device
+        )
     else:
-        grounding_detector = load_detector(detector, config=detector_config,
-                                           text_encoder=text_encoder, device=device)
+        grounding_detector = load_detector(
+            detector, config=detector_config, text_encoder=text_encoder, device=device
+        )
     segment_anything = build_sam(sam, sam_path, device=device)
-    return GroundedSAM(grounding_detector, BoxSegmenter(segment_anything),
-                       cache_bytes=cache_bytes)
+    return GroundedSAM(grounding_detector, BoxSegmenter(segment_anything), cache_bytes=cache_bytes)

@@ -29,8 +29,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DETECTORS = {"swint": "swint_ogc", "swinb": "swinb_cogcoor",
-             "swint_ogc": "swint_ogc", "swinb_cogcoor": "swinb_cogcoor"}
+DETECTORS = {
+    "swint": "swint_ogc",
+    "swinb": "swinb_cogcoor",
+    "swint_ogc": "swint_ogc",
+    "swinb_cogcoor": "swinb_cogcoor",
+}
 SAM_VARIANTS = ("vit_b", "vit_l", "vit_h")
 ENV_DETECTOR = "GROUNDED_SAM_DETECTOR"
 ENV_SAM = "GROUNDED_SAM_SAM"
@@ -63,73 +67,114 @@ class ModelChoice:
     def describe(self) -> str:
         """A one-line summary for banners and logs."""
         detector = {"swint_ogc": "SwinT-OGC", "swinb_cogcoor": "SwinB-COGCOOR"}.get(
-            self.detector, Path(self.detector).name)
+            self.detector, Path(self.detector).name
+        )
         if self.offline:
-            return (f"small Grounding DINO + small SAM trained on synthetic shapes (offline) "
-                    f"on {self.device}")
-        return (f"Grounding DINO {detector} + SAM ViT-{self.sam[-1].upper()} on {self.device}, "
-                f"pretrained weights")
+            return (
+                f"small Grounding DINO + small SAM trained on synthetic shapes (offline) "
+                f"on {self.device}"
+            )
+        return (
+            f"Grounding DINO {detector} + SAM ViT-{self.sam[-1].upper()} on {self.device}, "
+            f"pretrained weights"
+        )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--detector, --sam, --sam-checkpoint, --device, --offline (with environment fallbacks)."""
     group = parser.add_argument_group(
-        "models", "each flag falls back to the environment variable named in its help")
-    group.add_argument("--detector", default=None,
-                       help=f"swint (default), swinb, or the path of a SwinT .pth or of a "
-                            f"transformers-format directory; env {ENV_DETECTOR}. A local SwinB "
-                            f".pth: --detector swinb with GROUNDING_DINO_CHECKPOINT=PATH")
-    group.add_argument("--sam", default=None, choices=SAM_VARIANTS,
-                       help=f"SAM encoder; default vit_h on a GPU, vit_b on CPU; env {ENV_SAM}")
-    group.add_argument("--sam-checkpoint", default=None,
-                       help="a local SAM .pth for --sam (default: env SAM_CHECKPOINT, else the "
-                            "official file, downloaded once)")
-    group.add_argument("--device", default=None,
-                       help=f"cpu, cuda, cuda:1, ...; default cuda when available; "
-                            f"env {ENV_DEVICE}")
-    group.add_argument("--offline", action="store_true", default=None,
-                       help=f"the small shapes models shipped in assets/: no downloads; they "
-                            f"know 12 names such as 'red circle'; env {ENV_OFFLINE}=1")
+        "models", "each flag falls back to the environment variable named in its help"
+    )
+    group.add_argument(
+        "--detector",
+        default=None,
+        help=f"swint (default), swinb, or the path of a SwinT .pth or of a "
+        f"transformers-format directory; env {ENV_DETECTOR}. A local SwinB "
+        f".pth: --detector swinb with GROUNDING_DINO_CHECKPOINT=PATH",
+    )
+    group.add_argument(
+        "--sam",
+        default=None,
+        choices=SAM_VARIANTS,
+        help=f"SAM encoder; default vit_h on a GPU, vit_b on CPU; env {ENV_SAM}",
+    )
+    group.add_argument(
+        "--sam-checkpoint",
+        default=None,
+        help="a local SAM .pth for --sam (default: env SAM_CHECKPOINT, else the "
+        "official file, downloaded once)",
+    )
+    group.add_argument(
+        "--device",
+        default=None,
+        help=f"cpu, cuda, cuda:1, ...; default cuda when available; env {ENV_DEVICE}",
+    )
+    group.add_argument(
+        "--offline",
+        action="store_true",
+        default=None,
+        help=f"the small shapes models shipped in assets/: no downloads; they "
+        f"know 12 names such as 'red circle'; env {ENV_OFFLINE}=1",
+    )
 
 
 def default_device(environ: Mapping[str, str] = os.environ) -> str:
-    """"cuda" on a GPU machine or ZeroGPU Space, else "cpu"."""
+    """ "cuda" on a GPU machine or ZeroGPU Space, else "cpu"."""
     import torch
 
     zero_gpu = environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
     return "cuda" if zero_gpu or torch.cuda.is_available() else "cpu"
 
 
-def model_choice(args: argparse.Namespace, environ: Mapping[str, str] = os.environ,
-                 ) -> ModelChoice:
+def model_choice(
+    args: argparse.Namespace,
+    environ: Mapping[str, str] = os.environ,
+) -> ModelChoice:
     """Resolve the model flags: flag, else environment variable, else the default.
 
     Raises:
         ValueError: an unknown detector name or SAM variant.
     """
-    offline = args.offline if args.offline is not None else \
-        environ.get(ENV_OFFLINE, "").strip().lower() in ("1", "true", "yes", "on")
+    offline = (
+        args.offline
+        if args.offline is not None
+        else environ.get(ENV_OFFLINE, "").strip().lower() in ("1", "true", "yes", "on")
+    )
     device = args.device or environ.get(ENV_DEVICE) or default_device(environ)
     detector = args.detector or environ.get(ENV_DETECTOR) or "swint"
     if detector.lower() in DETECTORS:
         detector = DETECTORS[detector.lower()]
     elif not Path(detector).exists():
-        raise ValueError(f"unknown detector {detector!r}: use swint, swinb or the path of a "
-                         f"checkpoint (flag --detector, env {ENV_DETECTOR})")
+        raise ValueError(
+            f"unknown detector {detector!r}: use swint, swinb or the path of a "
+            f"checkpoint (flag --detector, env {ENV_DETECTOR})"
+        )
     sam = args.sam or environ.get(ENV_SAM) or ("vit_b" if device == "cpu" else "vit_h")
     if sam not in SAM_VARIANTS:
-        raise ValueError(f"unknown SAM variant {sam!r}: use one of {', '.join(SAM_VARIANTS)} "
-                         f"(flag --sam, env {ENV_SAM})")
-    return ModelChoice(detector=detector, sam=sam, device=device, offline=offline,
-                       sam_checkpoint=args.sam_checkpoint)
+        raise ValueError(
+            f"unknown SAM variant {sam!r}: use one of {', '.join(SAM_VARIANTS)} "
+            f"(flag --sam, env {ENV_SAM})"
+        )
+    return ModelChoice(
+        detector=detector,
+        sam=sam,
+        device=device,
+        offline=offline,
+        sam_checkpoint=args.sam_checkpoint,
+    )
 
 
 def load_models(choice: ModelChoice):
     """The GroundedSAM pipeline for a choice (downloads weights on first use unless offline)."""
     from segmentation.build import load_pipeline
 
-    return load_pipeline(detector=choice.detector, sam=choice.sam, device=choice.device,
-                         offline=choice.offline, sam_checkpoint=choice.sam_checkpoint)
+    return load_pipeline(
+        detector=choice.detector,
+        sam=choice.sam,
+        device=choice.device,
+        offline=choice.offline,
+        sam_checkpoint=choice.sam_checkpoint,
+    )
 
 
 def merge_coco(parts: Sequence[dict]) -> dict:
@@ -145,32 +190,54 @@ def merge_coco(parts: Sequence[dict]) -> dict:
             local[category["id"]] = category_ids[category["name"]]
         merged["images"].extend(part["images"])
         for annotation in part["annotations"]:
-            merged["annotations"].append({**annotation, "id": len(merged["annotations"]) + 1,
-                                          "category_id": local[annotation["category_id"]]})
+            merged["annotations"].append(
+                {
+                    **annotation,
+                    "id": len(merged["annotations"]) + 1,
+                    "category_id": local[annotation["category_id"]],
+                }
+            )
     return merged
 
 
 def output_stems(paths: Sequence[Path]) -> dict[Path, str]:
     """Output name stems, unique even when files differ only by extension (a.jpg, a.png)."""
     counts = Counter(path.stem for path in paths)
-    return {path: path.stem if counts[path.stem] == 1 else f"{path.stem}_{path.suffix[1:]}"
-            for path in paths}
+    return {
+        path: path.stem if counts[path.stem] == 1 else f"{path.stem}_{path.suffix[1:]}"
+        for path in paths
+    }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m segmentation.cli",
-        description="Detect and segment what a prompt names in every image of a folder.")
+        description="Detect and segment what a prompt names in every image of a folder.",
+    )
     parser.add_argument("images", type=Path, help="folder of images (not searched recursively)")
-    parser.add_argument("--prompt", required=True,
-                        help='what to find, phrases separated by ".", e.g. "a cat . a remote ."')
+    parser.add_argument(
+        "--prompt",
+        required=True,
+        help='what to find, phrases separated by ".", e.g. "a cat . a remote ."',
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    parser.add_argument("--box-threshold", type=float, default=0.35,
-                        help="keep a box when its best word score is above this (default 0.35)")
-    parser.add_argument("--text-threshold", type=float, default=0.25,
-                        help="words above this label a box; never removes one (default 0.25)")
-    parser.add_argument("--zip", action="store_true",
-                        help="also write <stem>_masks.zip: per-object PNG masks and cut-outs")
+    parser.add_argument(
+        "--box-threshold",
+        type=float,
+        default=0.35,
+        help="keep a box when its best word score is above this (default 0.35)",
+    )
+    parser.add_argument(
+        "--text-threshold",
+        type=float,
+        default=0.25,
+        help="words above this label a box; never removes one (default 0.25)",
+    )
+    parser.add_argument(
+        "--zip",
+        action="store_true",
+        help="also write <stem>_masks.zip: per-object PNG masks and cut-outs",
+    )
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     from grounding.predictor import normalize_caption
@@ -228,20 +295,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                     part = _process(pipeline, path, stems[path], args, len(coco_parts) + 1)
                 except Exception as error:
                     failed.append(path.name)
-                    print(f"[{index}/{len(paths)}] skipped {path.name}: "
-                          f"{type(error).__name__}: {error}", file=sys.stderr)
+                    print(
+                        f"[{index}/{len(paths)}] skipped {path.name}: "
+                        f"{type(error).__name__}: {error}",
+                        file=sys.stderr,
+                    )
                     continue
                 coco_parts.append(part)
-                print(f"[{index}/{len(paths)}] {path.name}: {len(part['annotations'])} objects "
-                      f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+                print(
+                    f"[{index}/{len(paths)}] {path.name}: {len(part['annotations'])} objects "
+                    f"({time.perf_counter() - start:.1f} s)",
+                    file=sys.stderr,
+                )
         except KeyboardInterrupt:
             interrupted = True
             print(f"interrupted: writing the {len(coco_parts)} images done", file=sys.stderr)
         finally:
             _write_coco(args, coco_parts)
     found = sum(len(part["annotations"]) for part in coco_parts)
-    print(f"{len(coco_parts)} images, {found} objects -> {args.out / COCO_FILE}"
-          + (f"; skipped {len(failed)}: {', '.join(failed)}" if failed else ""))
+    print(
+        f"{len(coco_parts)} images, {found} objects -> {args.out / COCO_FILE}"
+        + (f"; skipped {len(failed)}: {', '.join(failed)}" if failed else "")
+    )
     if interrupted:
         return 130
     return 0 if coco_parts else 1
@@ -268,10 +343,16 @@ def _process(pipeline, path: Path, stem: str, args: argparse.Namespace, image_id
 
 def _write_coco(args: argparse.Namespace, parts: list[dict]) -> None:
     """OUT/annotations.json for the images processed, replaced atomically (never half written)."""
-    coco = {"info": {"description": "Grounded SAM detections", "prompt": args.prompt,
-                     "box_threshold": args.box_threshold, "text_threshold": args.text_threshold,
-                     "models": args.models.describe()},
-            **merge_coco(parts)}
+    coco = {
+        "info": {
+            "description": "Grounded SAM detections",
+            "prompt": args.prompt,
+            "box_threshold": args.box_threshold,
+            "text_threshold": args.text_threshold,
+            "models": args.models.describe(),
+        },
+        **merge_coco(parts),
+    }
     partial = args.out / f".{COCO_FILE}.part"
     partial.write_text(json.dumps(coco))
     os.replace(partial, args.out / COCO_FILE)

@@ -32,8 +32,10 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
         raise ValueError(f"expected an (H, W) mask, got shape {mask.shape}")
     # One column-major copy, viewed as uint8 (same item size as bool): no second copy.
     rle = mask_utils.encode(np.asfortranarray(mask.astype(bool, copy=False)).view(np.uint8))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])],
-            "counts": rle["counts"].decode("ascii")}
+    return {
+        "size": [int(rle["size"][0]), int(rle["size"][1])],
+        "counts": rle["counts"].decode("ascii"),
+    }
 
 
 def rle_decode(rle: dict[str, Any]) -> np.ndarray:
@@ -43,16 +45,25 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
     if isinstance(counts, list):
         encoded = mask_utils.frPyObjects(rle, height, width)
     else:
-        encoded = {"size": [height, width],
-                   "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        encoded = {
+            "size": [height, width],
+            "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+        }
     with warnings.catch_warnings():
         # pycocotools 2.0.11 passes copy=False to an __array__ of its own; NumPy 2 warns.
         warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
         return mask_utils.decode(encoded).astype(bool)
 
 
-def to_coco(result: SegmentedDetections, *, file_name: str, width: int, height: int,
-            image_id: int = 1, rles: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+def to_coco(
+    result: SegmentedDetections,
+    *,
+    file_name: str,
+    width: int,
+    height: int,
+    image_id: int = 1,
+    rles: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """A COCO dataset dict (images, annotations, categories) for one image.
 
     Categories are the prompt's phrases (repeated phrases once), ids from 1; each annotation
@@ -64,8 +75,9 @@ def to_coco(result: SegmentedDetections, *, file_name: str, width: int, height: 
             after every slider move); default: encoded here.
     """
     if len(result) and result.image_size != (width, height):
-        raise ValueError(f"the masks are {result.image_size[0]} x {result.image_size[1]}, "
-                         f"not {width} x {height}")
+        raise ValueError(
+            f"the masks are {result.image_size[0]} x {result.image_size[1]}, not {width} x {height}"
+        )
     if rles is not None and len(rles) != len(result):
         raise ValueError(f"{len(rles)} RLEs for {len(result)} detections")
     names = list(dict.fromkeys(result.prompt_phrases))
@@ -73,21 +85,26 @@ def to_coco(result: SegmentedDetections, *, file_name: str, width: int, height: 
     for index in range(len(result)):
         x0, y0, x1, y1 = (float(v) for v in result.boxes[index])
         category = names.index(result.prompt_phrases[result.phrase_ids[index]]) + 1
-        annotations.append({
-            "id": index + 1, "image_id": image_id, "category_id": category,
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "area": int(np.count_nonzero(result.masks[index])),
-            "segmentation": rle_encode(result.masks[index]) if rles is None else rles[index],
-            "iscrowd": 0,
-            "score": float(result.scores[index]),
-            "mask_score": float(result.mask_scores[index]),
-            "phrase": result.phrases[index],
-        })
+        annotations.append(
+            {
+                "id": index + 1,
+                "image_id": image_id,
+                "category_id": category,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": int(np.count_nonzero(result.masks[index])),
+                "segmentation": rle_encode(result.masks[index]) if rles is None else rles[index],
+                "iscrowd": 0,
+                "score": float(result.scores[index]),
+                "mask_score": float(result.mask_scores[index]),
+                "phrase": result.phrases[index],
+            }
+        )
     return {
         "images": [{"id": image_id, "file_name": file_name, "width": width, "height": height}],
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": name, "supercategory": "object"}
-                       for i, name in enumerate(names)],
+        "categories": [
+            {"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(names)
+        ],
     }
 
 
@@ -100,7 +117,8 @@ def to_json_dict(result: SegmentedDetections) -> dict[str, Any]:
     """
     width, height = result.image_size
     return {
-        "width": int(width), "height": int(height),
+        "width": int(width),
+        "height": int(height),
         "prompt_phrases": list(result.prompt_phrases),
         "boxes": [[round(float(v), 2) for v in box] for box in result.boxes],
         "scores": [round(float(s), 4) for s in result.scores],
@@ -112,9 +130,15 @@ def to_json_dict(result: SegmentedDetections) -> dict[str, Any]:
     }
 
 
-def write_zip(target: str | os.PathLike | BinaryIO, image: Image.Image | np.ndarray,
-              result: SegmentedDetections, *, file_name: str = "image.png",
-              coco: dict[str, Any] | None = None, max_bytes: int | None = None) -> None:
+def write_zip(
+    target: str | os.PathLike | BinaryIO,
+    image: Image.Image | np.ndarray,
+    result: SegmentedDetections,
+    *,
+    file_name: str = "image.png",
+    coco: dict[str, Any] | None = None,
+    max_bytes: int | None = None,
+) -> None:
     """Write a ZIP archive of the result to a file, one member at a time (streamed: memory holds
     one mask's PNG at a time, never the archive).
 
@@ -149,9 +173,11 @@ def write_zip(target: str | os.PathLike | BinaryIO, image: Image.Image | np.ndar
             cutout = np.dstack([pixels[window] * inside[..., None], inside.view(np.uint8) * 255])
             archive.writestr(f"cutouts/{name}", _png(Image.fromarray(cutout)))
             if max_bytes is not None and archive.fp.tell() > max_bytes:
-                raise ValueError(f"the ZIP of masks and cut-outs would pass {max_bytes / 1e6:.0f} "
-                                 f"MB after {index + 1} of {len(result)} detections: raise the "
-                                 "box threshold to export fewer")
+                raise ValueError(
+                    f"the ZIP of masks and cut-outs would pass {max_bytes / 1e6:.0f} "
+                    f"MB after {index + 1} of {len(result)} detections: raise the "
+                    "box threshold to export fewer"
+                )
 
 
 def _cutout_window(mask: np.ndarray, box: np.ndarray) -> tuple[slice, slice] | None:
@@ -167,8 +193,9 @@ def _cutout_window(mask: np.ndarray, box: np.ndarray) -> tuple[slice, slice] | N
     return (slice(y0 + rows[0], y0 + rows[-1] + 1), slice(x0 + columns[0], x0 + columns[-1] + 1))
 
 
-def to_zip(image: Image.Image | np.ndarray, result: SegmentedDetections, *,
-           file_name: str = "image.png") -> bytes:
+def to_zip(
+    image: Image.Image | np.ndarray, result: SegmentedDetections, *, file_name: str = "image.png"
+) -> bytes:
     """`write_zip` into memory: the archive's bytes (for small results; files use `write_zip`)."""
     buffer = io.BytesIO()
     write_zip(buffer, image, result, file_name=file_name)

@@ -37,8 +37,9 @@ class ExportFolders:
         prune_every_s: how often the timer looks for them.
     """
 
-    def __init__(self, parent: str | os.PathLike, *, max_age_s: float = 3600,
-                 prune_every_s: float = 60) -> None:
+    def __init__(
+        self, parent: str | os.PathLike, *, max_age_s: float = 3600, prune_every_s: float = 60
+    ) -> None:
         self.root = Path(parent) / "grounded-sam-exports"
         self.folder = self.root / f"process-{os.getpid()}"
         self.max_age_s = max_age_s
@@ -55,8 +56,9 @@ class ExportFolders:
                 return self
             self.folder.mkdir(parents=True, exist_ok=True)
             self._remove_stale()
-            self._timer = threading.Thread(target=self._prune_periodically, daemon=True,
-                                           name="grounded-sam-export-pruning")
+            self._timer = threading.Thread(
+                target=self._prune_periodically, daemon=True, name="grounded-sam-export-pruning"
+            )
             self._timer.start()
             atexit.register(self.close)
         return self
@@ -96,8 +98,11 @@ class ExportFolders:
         """Folders of processes that are gone, and run folders of the older flat layout."""
         for entry in self.root.iterdir():
             match = _PROCESS_FOLDER.fullmatch(entry.name)
-            stale = (entry.name.startswith("run-") if match is None
-                     else not _process_alive(int(match.group(1))))
+            stale = (
+                entry.name.startswith("run-")
+                if match is None
+                else not _process_alive(int(match.group(1)))
+            )
             if stale and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
 

@@ -32,8 +32,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray, *,
-               max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+def load_image(
+    source: str | os.PathLike | bytes | Image.Image | np.ndarray,
+    *,
+    max_pixels: int | None = MAX_PIXELS,
+) -> Image.Image:
     """An RGB PIL image, upright, with at most `max_pixels` pixels.
 
     Args:
@@ -65,8 +68,10 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray, *,
             raise ValueError(f"{path} is empty (0 bytes)")
         image = _open(path, path, max_pixels)
     else:
-        raise ValueError("expected an image file path, its bytes, a PIL image or a numpy array, "
-                         f"got {type(source).__name__}")
+        raise ValueError(
+            "expected an image file path, its bytes, a PIL image or a numpy array, "
+            f"got {type(source).__name__}"
+        )
     check_shape(image.width, image.height)
     image = to_rgb(_upright(image))
     if max_pixels is not None and image.width * image.height > max_pixels:
@@ -81,8 +86,10 @@ def check_shape(width: int, height: int) -> None:
     if width <= 0 or height <= 0:
         raise ValueError("the image is empty (0 pixels)")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise ValueError(f"the image is too thin ({width} x {height} pixels): its long side may be "
-                         f"at most {MAX_ASPECT_RATIO} times its short side")
+        raise ValueError(
+            f"the image is too thin ({width} x {height} pixels): its long side may be "
+            f"at most {MAX_ASPECT_RATIO} times its short side"
+        )
 
 
 def rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -90,8 +97,13 @@ def rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
     The same conversion everywhere (pipeline, drawing, export) keeps masks and pictures aligned.
     """
-    if (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
-            and image.dtype == np.uint8 and image.size):
+    if (
+        isinstance(image, np.ndarray)
+        and image.ndim == 3
+        and image.shape[2] == 3
+        and image.dtype == np.uint8
+        and image.size
+    ):
         return np.ascontiguousarray(image)
     return np.asarray(load_image(image, max_pixels=None))
 
@@ -121,11 +133,14 @@ def _open(source: str | io.BytesIO, name: str, max_pixels: int | None) -> Image.
         try:
             image = Image.open(source)
         except Image.DecompressionBombError as error:
-            raise ValueError(f"{name} is too large to open safely ({error}); "
-                             "resize it below 100 megapixels") from error
+            raise ValueError(
+                f"{name} is too large to open safely ({error}); resize it below 100 megapixels"
+            ) from error
         except UnidentifiedImageError as error:
-            raise ValueError(f"{name} is not an image (or not in a format Pillow reads: PNG, "
-                             "JPEG, WebP, GIF, BMP, TIFF, ...)") from error
+            raise ValueError(
+                f"{name} is not an image (or not in a format Pillow reads: PNG, "
+                "JPEG, WebP, GIF, BMP, TIFF, ...)"
+            ) from error
         width, height = image.size  # from the header: nothing is decoded yet
         check_shape(width, height)
         limit = min(max_pixels or MAX_DECODE_PIXELS, MAX_DECODE_PIXELS)
@@ -134,9 +149,11 @@ def _open(source: str | io.BytesIO, name: str, max_pixels: int | None) -> Image.
             # JPEG decodes at 1/2, 1/4 or 1/8 scale here (no other format does): far less memory.
             image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         if image.width * image.height > MAX_DECODE_PIXELS:
-            raise ValueError(f"{name} is too large: {width} x {height} pixels "
-                             f"({width * height / 1e6:.0f} MP); the limit is "
-                             f"{MAX_DECODE_PIXELS / 1e6:.0f} MP")
+            raise ValueError(
+                f"{name} is too large: {width} x {height} pixels "
+                f"({width * height / 1e6:.0f} MP); the limit is "
+                f"{MAX_DECODE_PIXELS / 1e6:.0f} MP"
+            )
         try:
             image.load()
         except (OSError, SyntaxError, ValueError) as error:
@@ -158,8 +175,10 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        raise ValueError("expected an (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA array, "
-                         f"got shape {array.shape}")
+        raise ValueError(
+            "expected an (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA array, "
+            f"got shape {array.shape}"
+        )
     if array.dtype == np.uint16:
         array = np.rint(array / 257.0).astype(np.uint8)
     elif array.dtype == bool:

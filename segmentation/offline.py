@@ -31,8 +31,10 @@ def known_names_text() -> str:
 
 def _shipped(path: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"offline mode needs {path}, which ships in the repository's "
-                                "assets/ folder: run from a checkout of the repository")
+        raise FileNotFoundError(
+            f"offline mode needs {path}, which ships in the repository's "
+            "assets/ folder: run from a checkout of the repository"
+        )
     return path
 
 

@@ -124,9 +124,15 @@ class _Lookahead:
 class GroundedSAM:
     """Grounding DINO + SAM with caches; safe to call from several threads (runs one at a time)."""
 
-    def __init__(self, detector: Detector, segmenter: BoxSegmenter, *,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, prefetch_boxes: int = 8,
-                 background_boxes: int = 0) -> None:
+    def __init__(
+        self,
+        detector: Detector,
+        segmenter: BoxSegmenter,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        prefetch_boxes: int = 8,
+        background_boxes: int = 0,
+    ) -> None:
         """
         Args:
             detector: finds boxes and phrases (`infer` once, `select` per threshold).
@@ -152,9 +158,17 @@ class GroundedSAM:
         self._lookahead: _Lookahead | None = None
         self._worker: threading.Thread | None = None
 
-    def run(self, image: Image.Image | np.ndarray, prompt: str, box_threshold: float = 0.35,
-            text_threshold: float = 0.25, nms_threshold: float | None = None,
-            max_detections: int | None = None, *, models: bool = True) -> SegmentedDetections:
+    def run(
+        self,
+        image: Image.Image | np.ndarray,
+        prompt: str,
+        box_threshold: float = 0.35,
+        text_threshold: float = 0.25,
+        nms_threshold: float | None = None,
+        max_detections: int | None = None,
+        *,
+        models: bool = True,
+    ) -> SegmentedDetections:
         """Detect what `prompt` names and segment each detection.
 
         Args:
@@ -182,8 +196,15 @@ class GroundedSAM:
         check_shape(pixels.shape[1], pixels.shape[0])
         caption = normalize_caption(prompt)
         with self.hold(), self._lock:
-            result, lookahead = self._run(pixels, caption, box_threshold, text_threshold,
-                                          nms_threshold, max_detections, models)
+            result, lookahead = self._run(
+                pixels,
+                caption,
+                box_threshold,
+                text_threshold,
+                nms_threshold,
+                max_detections,
+                models,
+            )
         if self.background_boxes > 0 and lookahead is not None:
             self._look_ahead(lookahead)
         return result
@@ -209,9 +230,16 @@ class GroundedSAM:
         with self._jobs:
             return self._jobs.wait_for(lambda: self._worker is None, timeout)
 
-    def _run(self, pixels: np.ndarray, caption: str, box_threshold: float,
-             text_threshold: float, nms_threshold: float | None, max_detections: int | None,
-             models: bool) -> tuple[SegmentedDetections, _Lookahead | None]:
+    def _run(
+        self,
+        pixels: np.ndarray,
+        caption: str,
+        box_threshold: float,
+        text_threshold: float,
+        nms_threshold: float | None,
+        max_detections: int | None,
+        models: bool,
+    ) -> tuple[SegmentedDetections, _Lookahead | None]:
         """`run` itself, under the lock; also what the background thread may decode next."""
         image_key = _digest(pixels)
         raw, fresh = self._raw_prediction(pixels, image_key, caption, models)
@@ -220,23 +248,39 @@ class GroundedSAM:
         if max_detections is not None and len(detections) > max_detections:
             omitted = len(detections) - max_detections
             detections = Detections(  # scores are descending: the best come first
-                detections.boxes[:max_detections], detections.scores[:max_detections],
-                detections.phrases[:max_detections], detections.phrase_ids[:max_detections],
-                detections.prompt_phrases)
+                detections.boxes[:max_detections],
+                detections.scores[:max_detections],
+                detections.phrases[:max_detections],
+                detections.phrase_ids[:max_detections],
+                detections.prompt_phrases,
+            )
         embedding = self._embedding(pixels, image_key, models)
-        prefetch = (self._boxes_below(raw, (box_threshold, text_threshold, nms_threshold),
-                                      box_threshold - PREFETCH_MARGIN, self.prefetch_boxes)
-                    if fresh and not self.background_boxes else np.zeros((0, 4), np.float32))
-        masks, mask_scores = self._masks(image_key, embedding, detections.boxes, prefetch,
-                                         models)
+        prefetch = (
+            self._boxes_below(
+                raw,
+                (box_threshold, text_threshold, nms_threshold),
+                box_threshold - PREFETCH_MARGIN,
+                self.prefetch_boxes,
+            )
+            if fresh and not self.background_boxes
+            else np.zeros((0, 4), np.float32)
+        )
+        masks, mask_scores = self._masks(image_key, embedding, detections.boxes, prefetch, models)
         result = SegmentedDetections(
-            boxes=detections.boxes, scores=detections.scores, phrases=detections.phrases,
-            phrase_ids=detections.phrase_ids, prompt_phrases=detections.prompt_phrases,
-            masks=masks, mask_scores=mask_scores, omitted=omitted)
+            boxes=detections.boxes,
+            scores=detections.scores,
+            phrases=detections.phrases,
+            phrase_ids=detections.phrase_ids,
+            prompt_phrases=detections.prompt_phrases,
+            masks=masks,
+            mask_scores=mask_scores,
+            omitted=omitted,
+        )
         if omitted:  # at the cap, a lower threshold reveals no box
             return result, None
-        return result, _Lookahead(image_key, raw, embedding,
-                                  (box_threshold, text_threshold, nms_threshold))
+        return result, _Lookahead(
+            image_key, raw, embedding, (box_threshold, text_threshold, nms_threshold)
+        )
 
     def adopt(self, entries: list) -> None:
         """Put cache entries computed elsewhere (`cache.recording()` in a forked process) into
@@ -245,8 +289,13 @@ class GroundedSAM:
             for key, value, nbytes in entries:
                 self.cache.put(key, value, nbytes)
 
-    def _raw_prediction(self, pixels: np.ndarray, image_key: str, caption: str, models: bool,
-                        ) -> tuple[RawPrediction, bool]:
+    def _raw_prediction(
+        self,
+        pixels: np.ndarray,
+        image_key: str,
+        caption: str,
+        models: bool,
+    ) -> tuple[RawPrediction, bool]:
         """The detector's raw outputs, and whether the detector just ran for them."""
         key = ("raw", image_key, caption)
         raw = self.cache.get(key)
@@ -260,8 +309,13 @@ class GroundedSAM:
         self.cache.put(key, raw, size)
         return raw, True
 
-    def _boxes_below(self, raw: RawPrediction, thresholds: tuple[float, float, float | None],
-                     floor: float, limit: int) -> np.ndarray:
+    def _boxes_below(
+        self,
+        raw: RawPrediction,
+        thresholds: tuple[float, float, float | None],
+        floor: float,
+        limit: int,
+    ) -> np.ndarray:
         """(K, 4) the best `limit` boxes that the box threshold drops and `floor` keeps, best
         first (`thresholds`: box, text, NMS)."""
         if not limit:
@@ -275,8 +329,9 @@ class GroundedSAM:
         with self._jobs:
             self._lookahead = lookahead
             if self._worker is None:
-                self._worker = threading.Thread(target=self._decode_ahead, daemon=True,
-                                                name="grounded-sam-lookahead")
+                self._worker = threading.Thread(
+                    target=self._decode_ahead, daemon=True, name="grounded-sam-lookahead"
+                )
                 self._worker.start()
 
     def _decode_ahead(self) -> None:
@@ -333,8 +388,14 @@ class GroundedSAM:
             self.cache.put(key, embedding, embedding.nbytes)
         return embedding
 
-    def _masks(self, image_key: str, embedding: ImageEmbedding, boxes: np.ndarray,
-               prefetch: np.ndarray, models: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _masks(
+        self,
+        image_key: str,
+        embedding: ImageEmbedding,
+        boxes: np.ndarray,
+        prefetch: np.ndarray,
+        models: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(N, H, W) bool masks and (N,) scores of `boxes`, decoding, in one call, the boxes not
         in the cache and the `prefetch` boxes not in the cache (those only to cache them)."""
         keys = [("mask", image_key, box.tobytes()) for box in boxes]
@@ -347,12 +408,14 @@ class GroundedSAM:
             self.segmenter.use(embedding)
             # One dtype for all, so that the cache keys (the boxes' bytes) match later lookups.
             wanted = np.concatenate([boxes[missing], np.reshape(extra, (-1, 4))]).astype(
-                boxes.dtype)
+                boxes.dtype
+            )
             new_masks, new_scores = self.segmenter.segment(wanted)
             self.stats.segment_calls += 1
             self.stats.boxes_decoded += len(wanted)
-            entries = [_crop(mask, float(score)) for mask, score in zip(new_masks, new_scores,
-                                                                       strict=True)]
+            entries = [
+                _crop(mask, float(score)) for mask, score in zip(new_masks, new_scores, strict=True)
+            ]
             for box, entry in zip(wanted, entries, strict=True):
                 self.cache.put(("mask", image_key, box.tobytes()), entry, entry.nbytes)
             for index, entry in zip(missing, entries, strict=False):  # extras come last
@@ -360,8 +423,10 @@ class GroundedSAM:
         height, width = embedding.original_size
         masks = np.zeros((len(boxes), height, width), dtype=bool)
         for mask, entry in zip(masks, found, strict=True):
-            mask[entry.top:entry.top + entry.crop.shape[0],
-                 entry.left:entry.left + entry.crop.shape[1]] = entry.crop
+            mask[
+                entry.top : entry.top + entry.crop.shape[0],
+                entry.left : entry.left + entry.crop.shape[1],
+            ] = entry.crop
         scores = np.array([entry.score for entry in found], dtype=np.float32)
         return masks, scores
 

@@ -26,27 +26,46 @@ RLE_CACHE_ENTRIES = 256  # per session; more than the app ever shows at once (MA
 
 def table(result) -> pd.DataFrame:
     """One row per detection: phrase, score, box corners, mask pixels and SAM's mask score."""
-    rows = [[i + 1, phrase, round(float(score), 3), *(int(round(float(v))) for v in box),
-             np.count_nonzero(mask), round(float(mask_score), 3)]
-            for i, (phrase, score, box, mask, mask_score) in enumerate(zip(
-                result.phrases, result.scores, result.boxes, result.masks, result.mask_scores,
-                strict=True))]
+    rows = [
+        [
+            i + 1,
+            phrase,
+            round(float(score), 3),
+            *(int(round(float(v))) for v in box),
+            np.count_nonzero(mask),
+            round(float(mask_score), 3),
+        ]
+        for i, (phrase, score, box, mask, mask_score) in enumerate(
+            zip(
+                result.phrases,
+                result.scores,
+                result.boxes,
+                result.masks,
+                result.mask_scores,
+                strict=True,
+            )
+        )
+    ]
     return pd.DataFrame(rows, columns=TABLE_HEADERS)
 
 
 def summary(result, prompt: str, box_threshold: float, seconds: float) -> str:
     """Markdown: what was found, per phrase, or why nothing was."""
     if len(result) == 0:
-        return (f"**No objects found** for “{markdown_text(prompt.strip()[:80])}” above box "
-                f"threshold {box_threshold:.2f}. Lower the box threshold, or name the objects "
-                "differently (short nouns separated by “.” work best).")
+        return (
+            f"**No objects found** for “{markdown_text(prompt.strip()[:80])}” above box "
+            f"threshold {box_threshold:.2f}. Lower the box threshold, or name the objects "
+            "differently (short nouns separated by “.” work best)."
+        )
     counts = Counter(result.prompt_phrases[int(i)] for i in result.phrase_ids)
     found = ", ".join(f"{markdown_text(phrase)} × {n}" for phrase, n in counts.most_common())
     noun = "object" if len(result) == 1 else "objects"
     message = f"**Found {len(result)} {noun}:** {found} ({seconds:.2f} s)"
     if result.omitted:
-        message += (f". Showing the best {len(result)} of {len(result) + result.omitted} "
-                    "detections above the box threshold; raise it to see fewer.")
+        message += (
+            f". Showing the best {len(result)} of {len(result) + result.omitted} "
+            "detections above the box threshold; raise it to see fewer."
+        )
     return message
 
 
@@ -59,9 +78,11 @@ def markdown_text(text: str) -> str:
 def legend_html(result) -> str:
     """Colour chips, one per prompt phrase, in the colours of the annotated image."""
     counts = Counter(int(i) for i in result.phrase_ids)
-    chips = [f'<span class="chip"><span class="swatch" style="background:{color}"></span>'
-             f"{html.escape(phrase)} ({counts.get(index, 0)})</span>"
-             for index, (phrase, color) in enumerate(legend(result))]
+    chips = [
+        f'<span class="chip"><span class="swatch" style="background:{color}"></span>'
+        f"{html.escape(phrase)} ({counts.get(index, 0)})</span>"
+        for index, (phrase, color) in enumerate(legend(result))
+    ]
     return f'<div class="legend">{"".join(chips)}</div>'
 
 
@@ -89,13 +110,14 @@ def cached_rles(result, cache: dict) -> list[dict]:
             entry = (area, rle_encode(mask))
         cache[key] = entry  # (re)inserted last: the most recently used
         rles.append(entry[1])
-    for key in list(cache)[:max(0, len(cache) - RLE_CACHE_ENTRIES)]:
+    for key in list(cache)[: max(0, len(cache) - RLE_CACHE_ENTRIES)]:
         del cache[key]
     return rles
 
 
-def write_exports(image: np.ndarray, result, name: str, *, with_zip: bool, folder: Path,
-                  rles: list | None = None) -> list[str]:
+def write_exports(
+    image: np.ndarray, result, name: str, *, with_zip: bool, folder: Path, rles: list | None = None
+) -> list[str]:
     """[COCO JSON] or [COCO JSON, ZIP of masks and cut-outs], written once each to `folder` (the
     ZIP streamed: see `export.write_zip`). `name` is the image's file name, recorded in the
     COCO JSON; `rles` the masks' RLEs if known (see `export.to_coco`).

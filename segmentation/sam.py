@@ -31,12 +31,21 @@ from grounding.hub import OfflineError
 _URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 # variant -> (official URL, sha256, size in bytes)
 SAM_CHECKPOINTS: dict[str, tuple[str, str, int]] = {
-    "vit_b": (_URL + "sam_vit_b_01ec64.pth",
-              "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375_042_383),
-    "vit_l": (_URL + "sam_vit_l_0b3195.pth",
-              "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1_249_524_607),
-    "vit_h": (_URL + "sam_vit_h_4b8939.pth",
-              "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2_564_550_879),
+    "vit_b": (
+        _URL + "sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        375_042_383,
+    ),
+    "vit_l": (
+        _URL + "sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        1_249_524_607,
+    ),
+    "vit_h": (
+        _URL + "sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        2_564_550_879,
+    ),
 }
 CHECKPOINT_ENV = "SAM_CHECKPOINT"
 CACHE_DIR_ENV = "SAM_CACHE_DIR"
@@ -75,17 +84,22 @@ def sam_checkpoint(variant: str = "vit_b", *, progress: bool = True) -> Path:
     path = cache_dir() / filename
     if path.is_file():
         if path.stat().st_size != size:
-            raise ValueError(f"{path} has {path.stat().st_size} bytes, the official {filename} "
-                             f"has {size}: delete it and it is downloaded again")
+            raise ValueError(
+                f"{path} has {path.stat().st_size} bytes, the official {filename} "
+                f"has {size}: delete it and it is downloaded again"
+            )
         return path
-    how = (f"Download {url} ({size / 1e6:.0f} MB) on a connected machine and put it at {path} "
-           f"(or set {CACHE_DIR_ENV} to its folder), or pass its path as sam_checkpoint= "
-           f"(--sam-checkpoint), or set {CHECKPOINT_ENV}.")
+    how = (
+        f"Download {url} ({size / 1e6:.0f} MB) on a connected machine and put it at {path} "
+        f"(or set {CACHE_DIR_ENV} to its folder), or pass its path as sam_checkpoint= "
+        f"(--sam-checkpoint), or set {CHECKPOINT_ENV}."
+    )
     return download(url, path, sha256=sha256, progress=progress, how_to_supply=how)
 
 
-def download(url: str, destination: Path, *, sha256: str, progress: bool = True,
-             how_to_supply: str = "") -> Path:
+def download(
+    url: str, destination: Path, *, sha256: str, progress: bool = True, how_to_supply: str = ""
+) -> Path:
     """Fetch `url` to `destination` through a temporary file, verified by its sha256.
 
     Nothing is left behind on failure: the temporary file is removed, and `destination` only
@@ -103,24 +117,39 @@ def download(url: str, destination: Path, *, sha256: str, progress: bool = True,
         response = urlopen(url, timeout=CONNECT_TIMEOUT)
     except (URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise OfflineError(f"{destination.name} is not in {destination.parent} and {url} cannot "
-                           f"be reached ({reason}). {how_to_supply}") from error
+        raise OfflineError(
+            f"{destination.name} is not in {destination.parent} and {url} cannot "
+            f"be reached ({reason}). {how_to_supply}"
+        ) from error
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=destination.name + ".",
-                                         suffix=".part", delete=False)
+    handle = tempfile.NamedTemporaryFile(
+        dir=destination.parent, prefix=destination.name + ".", suffix=".part", delete=False
+    )
     partial = Path(handle.name)
     digest = hashlib.sha256()
     total = int(response.headers.get("Content-Length") or 0) or None
     try:
-        with response, handle, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                    desc=destination.name, disable=not progress) as bar:
+        with (
+            response,
+            handle,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=destination.name,
+                disable=not progress,
+            ) as bar,
+        ):
             while chunk := response.read(1 << 20):
                 handle.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
         if digest.hexdigest() != sha256:
-            raise ValueError(f"the download of {url} is corrupt: sha256 {digest.hexdigest()}, "
-                             f"expected {sha256}. Try again. {how_to_supply}")
+            raise ValueError(
+                f"the download of {url} is corrupt: sha256 {digest.hexdigest()}, "
+                f"expected {sha256}. Try again. {how_to_supply}"
+            )
         os.replace(partial, destination)
     except OSError as error:
         raise OSError(f"downloading {url} failed: {error}. {how_to_supply}") from error
@@ -129,8 +158,11 @@ def download(url: str, destination: Path, *, sha256: str, progress: bool = True,
     return destination
 
 
-def build_sam(variant: str = "vit_b", checkpoint: str | os.PathLike | None = None,
-              device: str | torch.device | None = None) -> Sam:
+def build_sam(
+    variant: str = "vit_b",
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> Sam:
     """SAM `variant` with loaded weights, in eval mode, on `device`.
 
     Args:
@@ -189,13 +221,24 @@ class BoxSegmenter:
         Args:
             image: (H, W, 3) uint8 RGB.
         """
-        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
-                and image.dtype == np.uint8 and image.shape[0] and image.shape[1]):
-            raise ValueError("SAM needs an H x W x 3 uint8 RGB array, got "
-                             f"{getattr(image, 'shape', type(image).__name__)}")
+        if not (
+            isinstance(image, np.ndarray)
+            and image.ndim == 3
+            and image.shape[2] == 3
+            and image.dtype == np.uint8
+            and image.shape[0]
+            and image.shape[1]
+        ):
+            raise ValueError(
+                "SAM needs an H x W x 3 uint8 RGB array, got "
+                f"{getattr(image, 'shape', type(image).__name__)}"
+            )
         self.predictor.set_image(image)
-        return ImageEmbedding(self.predictor.features.cpu(), tuple(self.predictor.original_size),
-                              tuple(self.predictor.input_size))
+        return ImageEmbedding(
+            self.predictor.features.cpu(),
+            tuple(self.predictor.original_size),
+            tuple(self.predictor.input_size),
+        )
 
     def set_image(self, image: np.ndarray) -> None:
         """Compute `image`'s embedding (once) for the following `segment` calls."""
@@ -235,26 +278,33 @@ class BoxSegmenter:
         scores = np.zeros(len(boxes), dtype=np.float32)
         upscale_step = max(1, _UPSCALE_BYTES // (4 * height * width))
         for start in range(0, len(boxes), MAX_BOXES_PER_CALL):
-            prompts = torch.as_tensor(boxes[start:start + MAX_BOXES_PER_CALL], device=self.device)
+            prompts = torch.as_tensor(boxes[start : start + MAX_BOXES_PER_CALL], device=self.device)
             prompts = predictor.transform.apply_boxes_torch(prompts, (height, width))
             sparse, dense = sam.prompt_encoder(points=None, boxes=prompts, masks=None)
             low_res, iou = sam.mask_decoder(  # (n, 1, 256, 256) logits, (n, 1)
-                image_embeddings=predictor.features, image_pe=sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                multimask_output=False)
-            scores[start:start + len(prompts)] = iou[:, 0].float().cpu().numpy()
+                image_embeddings=predictor.features,
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            scores[start : start + len(prompts)] = iou[:, 0].float().cpu().numpy()
             for offset in range(0, len(prompts), upscale_step):
-                logits = sam.postprocess_masks(low_res[offset:offset + upscale_step],
-                                               predictor.input_size, (height, width))
+                logits = sam.postprocess_masks(
+                    low_res[offset : offset + upscale_step], predictor.input_size, (height, width)
+                )
                 first = start + offset
-                masks[first:first + len(logits)] = (logits[:, 0] > sam.mask_threshold).cpu().numpy()
+                masks[first : first + len(logits)] = (
+                    (logits[:, 0] > sam.mask_threshold).cpu().numpy()
+                )
         return masks, scores
 
 
 def _checkpoint_info(variant: str) -> tuple[str, str, int]:
     if variant not in SAM_CHECKPOINTS:
-        raise ValueError(f"unknown SAM variant {variant!r}; "
-                         f"choose one of {sorted(SAM_CHECKPOINTS)}")
+        raise ValueError(
+            f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_CHECKPOINTS)}"
+        )
     return SAM_CHECKPOINTS[variant]
 
 
@@ -265,11 +315,21 @@ def _check_fits(model: torch.nn.Module, state_dict: dict[str, Tensor], what: str
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(key for key in set(expected) & set(state_dict)
-                   if tuple(expected[key].shape) != tuple(state_dict[key].shape))
+    wrong = sorted(
+        key
+        for key in set(expected) & set(state_dict)
+        if tuple(expected[key].shape) != tuple(state_dict[key].shape)
+    )
     if missing or unexpected or wrong:
-        details = [f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})"
-                   for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("keys with other shapes", wrong)) if keys]
-        raise ValueError(f"{what}: {'; '.join(details)}. Is it a checkpoint of another SAM "
-                         "variant?")
+        details = [
+            f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})"
+            for kind, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("keys with other shapes", wrong),
+            )
+            if keys
+        ]
+        raise ValueError(
+            f"{what}: {'; '.join(details)}. Is it a checkpoint of another SAM variant?"
+        )

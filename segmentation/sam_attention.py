@@ -56,8 +56,16 @@ class FastAttention(Attention):
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.use_rel_pos:
-            out = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (height, width),
-                                    scale=self.scale, bias_elements=self.bias_elements)
+            out = rel_pos_attention(
+                q,
+                k,
+                v,
+                self.rel_pos_h,
+                self.rel_pos_w,
+                (height, width),
+                scale=self.scale,
+                bias_elements=self.bias_elements,
+            )
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         # (B, heads, H*W, C) -> (B, H, W, heads, C) -> (B, H, W, heads * C)
@@ -65,8 +73,9 @@ class FastAttention(Attention):
         return self.proj(out.reshape(batch, height, width, -1))
 
 
-def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
-                       size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def decomposed_rel_pos(
+    q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
     """The factors of `add_decomposed_rel_pos` for queries and keys on the same (H, W) grid.
 
     Args:
@@ -88,9 +97,17 @@ def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
     return rel_h, rel_w
 
 
-def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
-                      size: tuple[int, int], *, scale: float,
-                      bias_elements: int | None = None) -> Tensor:
+def rel_pos_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_pos_h: Tensor,
+    rel_pos_w: Tensor,
+    size: tuple[int, int],
+    *,
+    scale: float,
+    bias_elements: int | None = None,
+) -> Tensor:
     """`softmax(q k^T * scale + rel_pos) v` through SDPA, the mask built per block of query rows.
 
     Args:
@@ -128,9 +145,9 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rel_pos_h: Tensor, rel_po
             bias = torch.add(*terms)
         else:
             shape = (batch, heads, bottom - top, width, height, width)
-            bias = torch.add(*terms, out=storage[:(bottom - top) * per_row].view(shape))
+            bias = torch.add(*terms, out=storage[: (bottom - top) * per_row].view(shape))
         bias = bias.flatten(4).flatten(2, 3)  # (B, heads, r * W, H * W)
-        queries = q[:, :, top * width:bottom * width]  # (B, heads, r * W, C)
+        queries = q[:, :, top * width : bottom * width]  # (B, heads, r * W, C)
         chunks.append(F.scaled_dot_product_attention(queries, k, v, attn_mask=bias, scale=scale))
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
 
@@ -166,5 +183,11 @@ def restore_sam(sam: Sam) -> Sam:
     return sam
 
 
-__all__ = ["DEFAULT_BIAS_ELEMENTS", "FastAttention", "accelerate_sam", "decomposed_rel_pos",
-           "rel_pos_attention", "restore_sam"]
+__all__ = [
+    "DEFAULT_BIAS_ELEMENTS",
+    "FastAttention",
+    "accelerate_sam",
+    "decomposed_rel_pos",
+    "rel_pos_attention",
+    "restore_sam",
+]

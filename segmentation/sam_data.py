@@ -88,8 +88,16 @@ def read_coco_folder(folder: str | os.PathLike) -> list[ImageEntry]:
             path = folder / image["file_name"]
         boxes = np.array([a["bbox"] for a in annotations], dtype=np.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # (x, y, w, h) -> (x0, y0, x1, y1)
-        entries.append(ImageEntry(image["id"], path, image["width"], image["height"], boxes,
-                                  [a["segmentation"] for a in annotations]))
+        entries.append(
+            ImageEntry(
+                image["id"],
+                path,
+                image["width"],
+                image["height"],
+                boxes,
+                [a["segmentation"] for a in annotations],
+            )
+        )
     for problem in problems[:_MAX_LOGGED]:
         logger.warning("%s: %s", folder, problem)
     if len(problems) > _MAX_LOGGED:
@@ -100,8 +108,10 @@ def read_coco_folder(folder: str | os.PathLike) -> list[ImageEntry]:
 def _segmentation_problem(segmentation, image: dict) -> str | None:
     """Why pycocotools could not decode `segmentation` for `image`, or None."""
     if isinstance(segmentation, list):
-        if all(isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
-               for polygon in segmentation):
+        if all(
+            isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
+            for polygon in segmentation
+        ):
             return None
         return "a polygon with fewer than 3 points or an odd number of coordinates"
     if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list | str)):
@@ -156,8 +166,15 @@ class SamMaskDataset(Dataset):
         seed: with the epoch and the index, seeds each sample's randomness.
     """
 
-    def __init__(self, folder: str | os.PathLike, config: SmallSamConfig, *,
-                 masks_per_image: int = 8, train: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        config: SmallSamConfig,
+        *,
+        masks_per_image: int = 8,
+        train: bool = True,
+        seed: int = 0,
+    ) -> None:
         self.entries = read_coco_folder(folder)
         self.config, self.masks_per_image = config, masks_per_image
         self.train, self.seed, self.epoch = train, seed, 0
@@ -179,33 +196,51 @@ class SamMaskDataset(Dataset):
             return None
         rng = np.random.default_rng((self.seed, self.epoch, index))
         count = min(len(entry.boxes), self.masks_per_image)
-        chosen = np.sort(rng.choice(len(entry.boxes), count, replace=False)) if self.train \
+        chosen = (
+            np.sort(rng.choice(len(entry.boxes), count, replace=False))
+            if self.train
             else np.arange(count)
+        )
         resized = self.transform.apply_image(image)  # (h, w, 3) uint8, as SamPredictor
         height, width = resized.shape[:2]
         pixels = torch.from_numpy(resized).permute(2, 0, 1).float()  # (3, h, w)
         mean = torch.tensor(self.config.pixel_mean).view(3, 1, 1)
         std = torch.tensor(self.config.pixel_std).view(3, 1, 1)
         pixels = F.pad((pixels - mean) / std, (0, size - width, 0, size - height))
-        masks = torch.stack([torch.from_numpy(annotation_mask(
-            entry.segmentations[i], entry.height, entry.width)) for i in chosen])  # (K, H, W)
+        masks = torch.stack(
+            [
+                torch.from_numpy(annotation_mask(entry.segmentations[i], entry.height, entry.width))
+                for i in chosen
+            ]
+        )  # (K, H, W)
         masks = F.interpolate(masks[:, None].float(), (height, width), mode="area")[:, 0] >= 0.5
         masks = F.pad(masks, (0, size - width, 0, size - height))  # (K, S, S)
         boxes = self.transform.apply_boxes(entry.boxes[chosen], (entry.height, entry.width))
         if self.train:
             boxes = self._jitter(boxes, rng)
         boxes = np.clip(boxes, 0, [width, height, width, height])
-        return MaskSample(entry.image_id, pixels, torch.as_tensor(boxes, dtype=torch.float32),
-                          masks, (height, width))
+        return MaskSample(
+            entry.image_id,
+            pixels,
+            torch.as_tensor(boxes, dtype=torch.float32),
+            masks,
+            (height, width),
+        )
 
     def _jitter(self, boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         sides = np.tile(boxes[:, 2:] - boxes[:, :2], 2)  # (K, 4): w, h, w, h
-        noise = np.clip(rng.normal(0.0, 0.1, boxes.shape) * sides, -self.max_jitter,
-                        self.max_jitter)
+        noise = np.clip(
+            rng.normal(0.0, 0.1, boxes.shape) * sides, -self.max_jitter, self.max_jitter
+        )
         jittered = boxes + noise
         # Keep x0 < x1 and y0 < y1 whatever the noise did.
-        return np.concatenate([np.minimum(jittered[:, :2], jittered[:, 2:]),
-                               np.maximum(jittered[:, :2], jittered[:, 2:])], axis=1)
+        return np.concatenate(
+            [
+                np.minimum(jittered[:, :2], jittered[:, 2:]),
+                np.maximum(jittered[:, :2], jittered[:, 2:]),
+            ],
+            axis=1,
+        )
 
 
 @dataclass
@@ -224,7 +259,7 @@ class MaskBatch:
         valid = torch.zeros(sum(len(b) for b in self.boxes), size, size, dtype=torch.bool)
         start = 0
         for boxes, (height, width) in zip(self.boxes, self.input_sizes, strict=True):
-            valid[start:start + len(boxes), :height, :width] = True
+            valid[start : start + len(boxes), :height, :width] = True
             start += len(boxes)
         return valid
 
@@ -234,9 +269,13 @@ def collate(samples: list[MaskSample | None]) -> MaskBatch | None:
     samples = [sample for sample in samples if sample is not None]
     if not samples:
         return None
-    return MaskBatch([s.image_id for s in samples], torch.stack([s.pixels for s in samples]),
-                     [s.boxes for s in samples], [s.masks for s in samples],
-                     [s.input_size for s in samples])
+    return MaskBatch(
+        [s.image_id for s in samples],
+        torch.stack([s.pixels for s in samples]),
+        [s.boxes for s in samples],
+        [s.masks for s in samples],
+        [s.input_size for s in samples],
+    )
 
 
 def predict_masks(sam: Sam, pixels: Tensor, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -255,19 +294,28 @@ def predict_masks(sam: Sam, pixels: Tensor, boxes: list[Tensor]) -> tuple[Tensor
     for embedding, image_boxes in zip(embeddings, boxes, strict=True):
         sparse, dense = sam.prompt_encoder(points=None, boxes=image_boxes, masks=None)
         low_res, iou = sam.mask_decoder(  # (K, 1, 4g, 4g), (K, 1)
-            image_embeddings=embedding[None], image_pe=image_pe,
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-            multimask_output=False)
+            image_embeddings=embedding[None],
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
         all_logits.append(low_res)
         all_iou.append(iou[:, 0])
     size = sam.image_encoder.img_size
-    logits = F.interpolate(torch.cat(all_logits), (size, size), mode="bilinear",
-                           align_corners=False)  # (M, 1, S, S)
+    logits = F.interpolate(
+        torch.cat(all_logits), (size, size), mode="bilinear", align_corners=False
+    )  # (M, 1, S, S)
     return logits[:, 0], torch.cat(all_iou)
 
 
-def evaluate_mask_iou(sam: Sam, folder: str | os.PathLike | list[ImageEntry], *,
-                      max_images: int | None = None, progress: bool = False) -> dict:
+def evaluate_mask_iou(
+    sam: Sam,
+    folder: str | os.PathLike | list[ImageEntry],
+    *,
+    max_images: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Mean mask IoU from the ground-truth boxes, through `BoxSegmenter` (the app's path).
 
     Masks are compared at each image's own resolution. `sam` is left in eval mode.
@@ -284,8 +332,9 @@ def evaluate_mask_iou(sam: Sam, folder: str | os.PathLike | list[ImageEntry], *,
     segmenter = BoxSegmenter(sam)
     ious: list[float] = []
     skipped = 0
-    for entry in tqdm(entries, desc="mask IoU", unit="image", disable=not progress,
-                      file=sys.stderr):
+    for entry in tqdm(
+        entries, desc="mask IoU", unit="image", disable=not progress, file=sys.stderr
+    ):
         try:
             image = np.asarray(load_image(entry.path, (entry.width, entry.height)))
         except (OSError, ValueError) as error:
@@ -294,8 +343,13 @@ def evaluate_mask_iou(sam: Sam, folder: str | os.PathLike | list[ImageEntry], *,
             continue
         segmenter.set_image(image)
         predicted, _ = segmenter.segment(entry.boxes)
-        truth = np.stack([annotation_mask(s, entry.height, entry.width)
-                          for s in entry.segmentations])
+        truth = np.stack(
+            [annotation_mask(s, entry.height, entry.width) for s in entry.segmentations]
+        )
         ious += mask_iou(torch.from_numpy(predicted), torch.from_numpy(truth)).tolist()
-    return {"mean_iou": float(np.mean(ious)) if ious else None, "masks": len(ious),
-            "images": len(entries) - skipped, "skipped_images": skipped}
+    return {
+        "mean_iou": float(np.mean(ious)) if ious else None,
+        "masks": len(ious),
+        "images": len(entries) - skipped,
+        "skipped_images": skipped,
+    }

@@ -34,8 +34,9 @@ class LossWeights:
     iou: float = 1.0
 
 
-def focal_loss(logits: Tensor, targets: Tensor, valid_mask: Tensor, *, alpha: float = 0.25,
-               gamma: float = 2.0) -> Tensor:
+def focal_loss(
+    logits: Tensor, targets: Tensor, valid_mask: Tensor, *, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
     """Sigmoid focal loss, averaged over each mask's valid pixels.
 
     Args:
@@ -46,8 +47,9 @@ def focal_loss(logits: Tensor, targets: Tensor, valid_mask: Tensor, *, alpha: fl
     Returns:
         (M,) float, one loss per mask.
     """
-    per_pixel = sigmoid_focal_loss(logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma,
-                                   reduction="none")
+    per_pixel = sigmoid_focal_loss(
+        logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma, reduction="none"
+    )
     valid = valid_mask.to(logits.dtype)
     return (per_pixel * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1.0)
 
@@ -89,8 +91,13 @@ def mask_iou(predicted: Tensor, targets: Tensor, valid_mask: Tensor | None = Non
     return torch.where(union > 0, intersection / union.clamp(min=1.0), torch.ones_like(union))
 
 
-def sam_loss(logits: Tensor, iou_predictions: Tensor, targets: Tensor, valid_mask: Tensor,
-             weights: LossWeights = LossWeights()) -> tuple[Tensor, dict[str, Tensor]]:
+def sam_loss(
+    logits: Tensor,
+    iou_predictions: Tensor,
+    targets: Tensor,
+    valid_mask: Tensor,
+    weights: LossWeights = LossWeights(),
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted total and its terms for a batch of masks (one per box prompt).
 
     Args:
@@ -111,5 +118,4 @@ def sam_loss(logits: Tensor, iou_predictions: Tensor, targets: Tensor, valid_mas
         actual_iou = mask_iou(logits > 0, targets, valid_mask)
     iou_mse = torch.nn.functional.mse_loss(iou_predictions.float(), actual_iou)
     total = weights.focal * focal + weights.dice * dice + weights.iou * iou_mse
-    return total, {"focal": focal, "dice": dice, "iou_mse": iou_mse,
-                   "mask_iou": actual_iou.mean()}
+    return total, {"focal": focal, "dice": dice, "iou_mse": iou_mse, "mask_iou": actual_iou.mean()}

@@ -94,9 +94,15 @@ class ImageMatch:
     false_negatives: list[int]
 
 
-def match_detections(boxes: np.ndarray, scores: np.ndarray, phrases: Sequence[str],
-                     truth_boxes: np.ndarray, truth_names: Sequence[str], *,
-                     iou_threshold: float = IOU_THRESHOLD) -> ImageMatch:
+def match_detections(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    phrases: Sequence[str],
+    truth_boxes: np.ndarray,
+    truth_names: Sequence[str],
+    *,
+    iou_threshold: float = IOU_THRESHOLD,
+) -> ImageMatch:
     """Greedy matching by score of detections to objects (see the module docstring).
 
     Args:
@@ -149,8 +155,13 @@ class MatchTally:
     mask_ious: list[float] = field(default_factory=list)
     images: int = 0
 
-    def add(self, match: ImageMatch, phrases: Sequence[str], truth_names: Sequence[str],
-            mask_ious: Sequence[float] = ()) -> None:
+    def add(
+        self,
+        match: ImageMatch,
+        phrases: Sequence[str],
+        truth_names: Sequence[str],
+        mask_ious: Sequence[float] = (),
+    ) -> None:
         """Count one image.
 
         Args:
@@ -172,20 +183,28 @@ class MatchTally:
         objects, detections = sum(self.objects.values()), sum(self.detections.values())
         true_positives = sum(self.true_positives.values())
         per_category = {
-            name: {"objects": self.objects[name], "detections": self.detections[name],
-                   "true_positives": self.true_positives[name],
-                   "recall": _ratio(self.true_positives[name], self.objects[name]),
-                   "precision": _ratio(self.true_positives[name], self.detections[name])}
-            for name in CATEGORIES}
+            name: {
+                "objects": self.objects[name],
+                "detections": self.detections[name],
+                "true_positives": self.true_positives[name],
+                "recall": _ratio(self.true_positives[name], self.objects[name]),
+                "precision": _ratio(self.true_positives[name], self.detections[name]),
+            }
+            for name in CATEGORIES
+        }
         return {
-            "images": self.images, "objects": objects, "detections": detections,
-            "true_positives": true_positives, "false_positives": detections - true_positives,
+            "images": self.images,
+            "objects": objects,
+            "detections": detections,
+            "true_positives": true_positives,
+            "false_positives": detections - true_positives,
             "false_negatives": objects - true_positives,
             "recall": _ratio(true_positives, objects),
             "precision": _ratio(true_positives, detections),
             "mean_mask_iou": float(np.mean(self.mask_ious)) if self.mask_ious else None,
             "masks": len(self.mask_ious),
-            "false_positive_kinds": {kind: self.false_positive_kinds[kind]
-                                     for kind in FALSE_POSITIVE_KINDS},
+            "false_positive_kinds": {
+                kind: self.false_positive_kinds[kind] for kind in FALSE_POSITIVE_KINDS
+            },
             "per_category": per_category,
         }

@@ -71,8 +71,9 @@ class SmallSamConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
-                             f"{self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> SmallSamConfig:
@@ -80,8 +81,12 @@ class SmallSamConfig:
         unknown = set(values) - {field.name for field in fields(cls)}
         if unknown:
             raise ValueError(f"unknown SAM config keys {sorted(unknown)}")
-        return cls(**{key: tuple(value) if isinstance(value, list) else value
-                      for key, value in values.items()})
+        return cls(
+            **{
+                key: tuple(value) if isinstance(value, list) else value
+                for key, value in values.items()
+            }
+        )
 
 
 def build_small_sam(config: SmallSamConfig = SmallSamConfig()) -> Sam:
@@ -89,38 +94,66 @@ def build_small_sam(config: SmallSamConfig = SmallSamConfig()) -> Sam:
     grid = config.image_size // config.patch_size
     return Sam(
         image_encoder=ImageEncoderViT(
-            img_size=config.image_size, patch_size=config.patch_size,
-            embed_dim=config.encoder_dim, depth=config.encoder_depth,
-            num_heads=config.encoder_heads, mlp_ratio=4, out_chans=config.prompt_dim,
-            qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-            window_size=0, global_attn_indexes=()),
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            embed_dim=config.encoder_dim,
+            depth=config.encoder_depth,
+            num_heads=config.encoder_heads,
+            mlp_ratio=4,
+            out_chans=config.prompt_dim,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=0,
+            global_attn_indexes=(),
+        ),
         prompt_encoder=PromptEncoder(
-            embed_dim=config.prompt_dim, image_embedding_size=(grid, grid),
+            embed_dim=config.prompt_dim,
+            image_embedding_size=(grid, grid),
             input_image_size=(config.image_size, config.image_size),
-            mask_in_chans=config.mask_in_chans),
+            mask_in_chans=config.mask_in_chans,
+        ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=config.decoder_depth,
-                                          embedding_dim=config.prompt_dim,
-                                          mlp_dim=4 * config.prompt_dim,
-                                          num_heads=config.decoder_heads),
-            transformer_dim=config.prompt_dim, iou_head_depth=3,
-            iou_head_hidden_dim=config.prompt_dim),
-        pixel_mean=list(config.pixel_mean), pixel_std=list(config.pixel_std))
+            transformer=TwoWayTransformer(
+                depth=config.decoder_depth,
+                embedding_dim=config.prompt_dim,
+                mlp_dim=4 * config.prompt_dim,
+                num_heads=config.decoder_heads,
+            ),
+            transformer_dim=config.prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=config.prompt_dim,
+        ),
+        pixel_mean=list(config.pixel_mean),
+        pixel_std=list(config.pixel_std),
+    )
 
 
 # ------------------------------------------------------------------------- weights and export
 
 
-def _save_safetensors(state_dict: dict[str, Tensor], path: Path, config: SmallSamConfig,
-                      dtype: torch.dtype, **metadata) -> None:
+def _save_safetensors(
+    state_dict: dict[str, Tensor],
+    path: Path,
+    config: SmallSamConfig,
+    dtype: torch.dtype,
+    **metadata,
+) -> None:
     from safetensors.torch import save_file
 
-    tensors = {key: value.detach().to("cpu", dtype).contiguous()
-               for key, value in state_dict.items()}
+    tensors = {
+        key: value.detach().to("cpu", dtype).contiguous() for key, value in state_dict.items()
+    }
     temporary = path.with_name(path.name + ".partial")
-    save_file(tensors, temporary, metadata={CONFIG_METADATA_KEY: json.dumps(asdict(config)),
-                                            **{key: str(v) for key, v in metadata.items()}})
+    save_file(
+        tensors,
+        temporary,
+        metadata={
+            CONFIG_METADATA_KEY: json.dumps(asdict(config)),
+            **{key: str(v) for key, v in metadata.items()},
+        },
+    )
     os.replace(temporary, path)
 
 
@@ -149,8 +182,11 @@ def export_fp16(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_small_sam(weights_path: str | os.PathLike, config_path: str | os.PathLike | None = None,
-                   device: str | torch.device = "cpu") -> Sam:
+def load_small_sam(
+    weights_path: str | os.PathLike,
+    config_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> Sam:
     """A trained small SAM in fp32 and eval mode, loaded strictly.
 
     Args:

@@ -41,8 +41,9 @@ def tiny_tokenizer():
     from transformers import BertTokenizer
 
     tokens = [*SPECIAL_TOKENS, *_CHARACTERS, *("##" + c for c in _CHARACTERS)]
-    return BertTokenizer(vocab={token: index for index, token in enumerate(tokens)},
-                         do_lower_case=True)
+    return BertTokenizer(
+        vocab={token: index for index, token in enumerate(tokens)}, do_lower_case=True
+    )
 
 
 def tiny_detector(device: str | torch.device | None = None, seed: int = 0) -> Detector:
@@ -69,15 +70,32 @@ def tiny_sam(seed: int = 0, *, image_size: int = 1024) -> Sam:
     grid = image_size // patch
     sam = Sam(
         image_encoder=ImageEncoderViT(
-            img_size=image_size, patch_size=patch, embed_dim=width, depth=1, num_heads=2,
-            mlp_ratio=2, out_chans=width, qkv_bias=True, use_rel_pos=True, window_size=14,
-            global_attn_indexes=(), norm_layer=partial(nn.LayerNorm, eps=1e-6)),
-        prompt_encoder=PromptEncoder(embed_dim=width, image_embedding_size=(grid, grid),
-                                     input_image_size=(image_size, image_size), mask_in_chans=4),
+            img_size=image_size,
+            patch_size=patch,
+            embed_dim=width,
+            depth=1,
+            num_heads=2,
+            mlp_ratio=2,
+            out_chans=width,
+            qkv_bias=True,
+            use_rel_pos=True,
+            window_size=14,
+            global_attn_indexes=(),
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=width,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=4,
+        ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(depth=1, embedding_dim=width, mlp_dim=64, num_heads=2),
-            transformer_dim=width, iou_head_depth=2, iou_head_hidden_dim=32),
+            transformer_dim=width,
+            iou_head_depth=2,
+            iou_head_hidden_dim=32,
+        ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )

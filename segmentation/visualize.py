@@ -24,8 +24,9 @@ PALETTE = sv.ColorPalette.DEFAULT
 
 def labels(result: SegmentedDetections) -> list[str]:
     """ "phrase 0.87" per detection: its label and the detector's score."""
-    return [f"{phrase} {score:.2f}" for phrase, score in zip(result.phrases, result.scores,
-                                                             strict=True)]
+    return [
+        f"{phrase} {score:.2f}" for phrase, score in zip(result.phrases, result.scores, strict=True)
+    ]
 
 
 def phrase_color(phrase_id: int) -> str:
@@ -44,13 +45,17 @@ def legend(result: SegmentedDetections) -> list[tuple[str, str]]:
 def to_supervision(result: SegmentedDetections) -> sv.Detections:
     """The result as `sv.Detections`; class_id is the phrase index, data["class_name"] the label."""
     return sv.Detections(
-        xyxy=result.boxes.astype(np.float32).reshape(-1, 4), mask=result.masks,
-        confidence=result.scores, class_id=result.phrase_ids.astype(int),
-        data={"class_name": np.array(result.phrases, dtype=str)})
+        xyxy=result.boxes.astype(np.float32).reshape(-1, 4),
+        mask=result.masks,
+        confidence=result.scores,
+        class_id=result.phrase_ids.astype(int),
+        data={"class_name": np.array(result.phrases, dtype=str)},
+    )
 
 
-def annotate(image: Image.Image | np.ndarray, result: SegmentedDetections, *,
-             mask_opacity: float = 0.45) -> np.ndarray:
+def annotate(
+    image: Image.Image | np.ndarray, result: SegmentedDetections, *, mask_opacity: float = 0.45
+) -> np.ndarray:
     """(H, W, 3) uint8 RGB: the image with every mask, box and label drawn.
 
     Args:
@@ -63,8 +68,10 @@ def annotate(image: Image.Image | np.ndarray, result: SegmentedDetections, *,
     return cv2.cvtColor(scene, cv2.COLOR_BGR2RGB)
 
 
-def annotated_image_value(image: Image.Image | np.ndarray, result: SegmentedDetections,
-                          ) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
+def annotated_image_value(
+    image: Image.Image | np.ndarray,
+    result: SegmentedDetections,
+) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
     """The value of a `gr.AnnotatedImage`: (image with boxes and labels, [(mask, phrase), ...]).
 
     Masks are (H, W) bool, each labelled with its prompt phrase, so
@@ -83,9 +90,12 @@ def _draw_boxes_and_labels(scene: np.ndarray, result: SegmentedDetections) -> No
     resolution = (scene.shape[1], scene.shape[0])
     thickness = sv.calculate_optimal_line_thickness(resolution)
     sv.BoxAnnotator(color=PALETTE, thickness=thickness).annotate(scene, detections)
-    sv.LabelAnnotator(color=PALETTE, text_scale=sv.calculate_optimal_text_scale(resolution),
-                      text_thickness=max(1, thickness // 2), text_padding=2 * thickness,
-                      ).annotate(scene, detections, labels=labels(result))
+    sv.LabelAnnotator(
+        color=PALETTE,
+        text_scale=sv.calculate_optimal_text_scale(resolution),
+        text_thickness=max(1, thickness // 2),
+        text_padding=2 * thickness,
+    ).annotate(scene, detections, labels=labels(result))
 
 
 def _blend_masks(scene: np.ndarray, result: SegmentedDetections, opacity: float) -> None:
@@ -123,6 +133,8 @@ def _bgr_scene(image: Image.Image | np.ndarray, result: SegmentedDetections) -> 
     pixels = rgb_array(image)
     size = (pixels.shape[1], pixels.shape[0])
     if size != result.image_size:
-        raise ValueError(f"the image is {size[0]} x {size[1]} but the masks are "
-                         f"{result.image_size[0]} x {result.image_size[1]}")
+        raise ValueError(
+            f"the image is {size[0]} x {size[1]} but the masks are "
+            f"{result.image_size[0]} x {result.image_size[1]}"
+        )
     return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2BGR)

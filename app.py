@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
@@ -190,7 +191,9 @@ def build_demo(config: AppConfig) -> gr.Blocks:
                 cache_mode="lazy",
                 label="Examples (synthetic scenes)",
             )
-        shared = dict(concurrency_id="models", concurrency_limit=1, preprocess=False)
+        shared: dict[str, Any] = dict(
+            concurrency_id="models", concurrency_limit=1, preprocess=False
+        )
         gr.on(
             [run.click, prompt.submit],
             events.ui_segment,

@@ -18,15 +18,20 @@ the current names first, as transformers' own conversion mapping does.
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from grounding import decoder, feature_enhancer, image_backbone, query_selection, text_backbone
 from grounding.config import GroundingDINOConfig, from_transformers_config
 from grounding.key_mapping import KeyMappingError, Rule, prefixed, rename_state_dict
+
+if TYPE_CHECKING:
+    from grounding.model import GroundingDINO
 
 _IDENTITY: list[Rule] = [(r"(.*)", r"\1")]
 
@@ -68,7 +73,7 @@ def transformers_rules(config: GroundingDINOConfig) -> list[Rule]:
 
 
 # transformers 4.x names of the Swin backbone -> the names transformers 5 uses.
-_LEGACY_TRANSFORMERS_RULES: list[tuple[str, str]] = [
+_LEGACY_TRANSFORMERS_RULES: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
     (r"conv_encoder\.model\.(embeddings|encoder)\.", r"conv_encoder.model.swin.\1."),
     (
         r"attention\.self\.relative_position_bias_table",
@@ -91,7 +96,7 @@ def _modernise_transformers_key(key: str) -> str:
     return key
 
 
-def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict of an official `.pth`, with any `module.` prefix removed."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
@@ -100,7 +105,7 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
 
 
-def load_official(model: nn.Module, path: str | Path) -> dict[str, int]:
+def load_official(model: GroundingDINO, path: str | os.PathLike) -> dict[str, int]:
     """Load an official `.pth` into `model` strictly. Returns a small report of what was mapped."""
     state_dict = read_official_state_dict(path)
     renamed = rename_state_dict(state_dict, official_rules(model.config))
@@ -120,7 +125,7 @@ def read_transformers_config(directory: str | Path) -> GroundingDINOConfig:
         return from_transformers_config(json.load(handle))
 
 
-def load_transformers(model: nn.Module, directory: str | Path) -> dict[str, int]:
+def load_transformers(model: GroundingDINO, directory: str | Path) -> dict[str, int]:
     """Load `model.safetensors` of a transformers-format directory into `model` strictly."""
     from safetensors.torch import load_file
 
@@ -137,7 +142,7 @@ def load_transformers(model: nn.Module, directory: str | Path) -> dict[str, int]
     return {"checkpoint_keys": len(state_dict), "loaded_tensors": len(renamed)}
 
 
-def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
+def load_strict(model: GroundingDINO, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
     """`load_state_dict(strict=True)` with errors that name the keys and shapes at fault."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))

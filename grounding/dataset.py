@@ -26,6 +26,7 @@ import os
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -312,14 +313,14 @@ def collate(
         pad_token_id: id that pads shorter captions (`dataset.pad_token_id`; 0 in
             bert-base-uncased).
     """
-    samples = [sample for sample in samples if sample is not None]
-    if not samples:
+    kept = [sample for sample in samples if sample is not None]
+    if not kept:
         return None
-    pixels, padding_mask = batch_images([sample.pixels for sample in samples])
-    length = max(sample.input_ids.shape[0] for sample in samples)
-    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
-    token_mask = torch.zeros(len(samples), length, dtype=torch.bool)
-    for row, sample in enumerate(samples):
+    pixels, padding_mask = batch_images([sample.pixels for sample in kept])
+    length = max(sample.input_ids.shape[0] for sample in kept)
+    input_ids = torch.full((len(kept), length), pad_token_id, dtype=torch.long)
+    token_mask = torch.zeros(len(kept), length, dtype=torch.bool)
+    for row, sample in enumerate(kept):
         input_ids[row, : sample.input_ids.shape[0]] = sample.input_ids
         token_mask[row, : sample.input_ids.shape[0]] = True
     return GroundingBatch(
@@ -327,12 +328,12 @@ def collate(
         padding_mask=padding_mask if bool(padding_mask.any()) else None,
         input_ids=input_ids,
         token_mask=token_mask,
-        targets=[sample.target for sample in samples],
-        image_ids=[sample.image_id for sample in samples],
-        original_sizes=[sample.original_size for sample in samples],
-        captions=[sample.caption for sample in samples],
-        phrase_spans=[sample.phrase_spans for sample in samples],
-        phrase_category_ids=[sample.phrase_category_ids for sample in samples],
+        targets=[sample.target for sample in kept],
+        image_ids=[sample.image_id for sample in kept],
+        original_sizes=[sample.original_size for sample in kept],
+        captions=[sample.caption for sample in kept],
+        phrase_spans=[sample.phrase_spans for sample in kept],
+        phrase_category_ids=[sample.phrase_category_ids for sample in kept],
     )
 
 
@@ -443,5 +444,5 @@ def annotation_problem(
     return None
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -107,8 +107,8 @@ def infer_batch(
     Returns:
         one RawPrediction per image; a caption over max_text_len tokens gives several chunks.
     """
-    pixels, padding_mask = batch_images(list(images))
-    padding_mask = padding_mask if bool(padding_mask.any()) else None
+    pixels, full_mask = batch_images(list(images))
+    padding_mask = full_mask if bool(full_mask.any()) else None
     model, device = detector.model, detector.device
     features = model.encode_image(
         pixels.to(device), None if padding_mask is None else padding_mask.to(device)
@@ -125,8 +125,8 @@ def infer_batch(
                 (ids, output.logits[row].float().cpu(), output.boxes[row].float().cpu())
             )
     return [
-        RawPrediction(chunks=image_chunks, image_size=tuple(size))
-        for image_chunks, size in zip(chunks, image_sizes, strict=True)
+        RawPrediction(chunks=image_chunks, image_size=(width, height))
+        for image_chunks, (width, height) in zip(chunks, image_sizes, strict=True)
     ]
 
 
@@ -154,7 +154,9 @@ def category_detections(
     Raises:
         ValueError: the prompt's phrases do not match `phrase_category_ids` one to one.
     """
-    scores, boxes, phrases = [], [], []
+    score_parts: list[Tensor] = []
+    box_parts: list[Tensor] = []
+    phrase_parts: list[Tensor] = []
     offset = 0
     for ids, logits, chunk_boxes in raw.chunks:
         spans = phrase_token_spans(ids, special_token_ids)
@@ -163,15 +165,15 @@ def category_detections(
             token_weights[index, start:end] = 1.0 / (end - start)
         pair_scores = logits.float().sigmoid() @ token_weights.T  # (Q, P)
         queries = pair_scores.shape[0]
-        scores.append(pair_scores.flatten())  # (Q * P,), query-major
-        boxes.append(chunk_boxes[:, None].expand(queries, len(spans), 4).reshape(-1, 4))
-        phrases.append((torch.arange(len(spans)) + offset).repeat(queries))
+        score_parts.append(pair_scores.flatten())  # (Q * P,), query-major
+        box_parts.append(chunk_boxes[:, None].expand(queries, len(spans), 4).reshape(-1, 4))
+        phrase_parts.append((torch.arange(len(spans)) + offset).repeat(queries))
         offset += len(spans)
     if offset != len(phrase_category_ids):
         raise ValueError(
             f"the prompt has {offset} phrases for {len(phrase_category_ids)} categories"
         )
-    scores, boxes, phrases = torch.cat(scores), torch.cat(boxes), torch.cat(phrases)
+    scores, boxes, phrases = torch.cat(score_parts), torch.cat(box_parts), torch.cat(phrase_parts)
     best = scores.topk(min(max_detections, scores.numel())).indices
     best = best[scores[best] > score_threshold]
     width, height = raw.image_size
@@ -263,7 +265,9 @@ def predict_dataset(
         num_workers=workers,
         collate_fn=list,
     )
-    results, done, skipped = [], [], []
+    results: list[dict] = []
+    done: list[int] = []
+    skipped: list[int] = []
     with tqdm(
         total=len(images), desc="evaluating", unit="image", disable=not progress, file=sys.stderr
     ) as bar:

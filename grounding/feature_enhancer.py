@@ -15,6 +15,8 @@ Mask polarity: `*_padding_mask` True = ignore; `text_token_mask` True = real tok
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
@@ -354,7 +356,7 @@ class FeatureEnhancer(nn.Module):
             if param.dim() > 1:
                 nn.init.xavier_uniform_(param)
         for layer in self.layers:
-            layer.self_attn.reset_parameters()
+            cast(DeformableEncoderLayer, layer).self_attn.reset_parameters()
 
     def forward(
         self,

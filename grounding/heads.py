@@ -100,6 +100,7 @@ class ContrastiveHead(nn.Module):
         the token is not real (see `contrastive_logits`)."""
         if self.scale is None:
             return contrastive_logits(queries, text, text_token_mask, self.max_text_len)
+        assert self.bias is not None  # set together with self.scale
         # -inf columns stay -inf: the bias is finite.
         return (
             contrastive_logits(queries * self.scale, text, text_token_mask, self.max_text_len)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal, overload
 from urllib.parse import urlparse
 
 OFFICIAL_REPO = "ShilongLiu/GroundingDINO"
@@ -25,6 +26,16 @@ TEXT_ENCODER_ENV = "GROUNDING_DINO_TEXT_ENCODER"
 
 class OfflineError(FileNotFoundError):
     """A needed file is neither cached nor downloadable."""
+
+
+@overload
+def hub_file(
+    repo_id: str, filename: str, *, how_to_supply: str, optional: Literal[False] = False
+) -> Path: ...
+
+
+@overload
+def hub_file(repo_id: str, filename: str, *, how_to_supply: str, optional: bool) -> Path | None: ...
 
 
 def hub_file(
@@ -131,7 +142,9 @@ def transformers_checkpoint_dir(repo_id: str) -> Path:
         )
         for name in TRANSFORMERS_FILES
     ]
-    return paths[0].parent
+    config = paths[0]
+    assert config is not None  # config.json is not optional: hub_file raised instead
+    return config.parent
 
 
 def text_encoder_dir(text_encoder: str | os.PathLike | None) -> Path:
@@ -156,4 +169,6 @@ def text_encoder_dir(text_encoder: str | os.PathLike | None) -> Path:
         hub_file(str(source), name, how_to_supply=how, optional=name == "tokenizer_config.json")
         for name in TEXT_ENCODER_FILES
     ]
-    return paths[1].parent
+    vocab = paths[1]
+    assert vocab is not None  # vocab.txt is not optional: hub_file raised instead
+    return vocab.parent

@@ -30,12 +30,14 @@ position index follows the Swin paper; the stage drop-path schedule is linear ov
 from __future__ import annotations
 
 import re
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import (
     SwinTransformer,
     SwinTransformerBlock,
+    SwinTransformerStage,
     window_partition,
     window_reverse,
 )
@@ -101,9 +103,9 @@ class ImageBackbone(nn.Module):
             drop_path_rate=config.drop_path_rate,
         )
         self.swin.norm = nn.Identity()
-        self.swin.head = nn.Identity()
+        self.swin.head = nn.Identity()  # type: ignore[assignment]  # timm types it ClassifierHead
         for stage in self.swin.layers:
-            for block in stage.blocks:
+            for block in cast(SwinTransformerStage, stage).blocks:
                 block.__class__ = _ReferenceSwinBlock
         self.norms = nn.ModuleList(
             nn.LayerNorm(channels, eps=config.layer_norm_eps) for channels in config.out_channels
@@ -132,7 +134,9 @@ class ImageBackbone(nn.Module):
         x = self.swin.patch_embed(pixels)  # (B, H/4, W/4, C0), NHWC
         out_indices = self.config.out_indices
         features = []
-        for stage_index, stage in enumerate(self.swin.layers[: max(out_indices) + 1]):
+        # A slice of a Sequential is a Sequential (torch types it Sequential | Module).
+        stages = cast(nn.Sequential, self.swin.layers[: max(out_indices) + 1])
+        for stage_index, stage in enumerate(stages):
             x = stage(x)  # (B, H_i, W_i, C_i): merging of stage i-1 (if i > 0), then blocks
             if stage_index in out_indices:
                 normed = self.norms[out_indices.index(stage_index)](x)

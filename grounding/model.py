@@ -12,6 +12,7 @@ padded images differ from their single runs; with no padding the two are the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -122,10 +123,13 @@ class GroundingDINO(nn.Module):
     def _reset_parameters(self) -> None:
         nn.init.normal_(self.level_embed)
         for projection in self.input_proj:
-            nn.init.xavier_uniform_(projection[0].weight, gain=1)
-            nn.init.zeros_(projection[0].bias)
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+            conv = cast(nn.Conv2d, cast(nn.Sequential, projection)[0])  # (Conv2d, GroupNorm)
+            assert conv.bias is not None  # built with the default bias=True
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            nn.init.zeros_(conv.bias)
+        last = cast(nn.Linear, self.bbox_embed.layers[-1])
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(
         self,
@@ -216,7 +220,8 @@ class GroundingDINO(nn.Module):
             for level, level_maps in enumerate(maps):
                 for position, index in enumerate(indices):
                     levels[level][index] = level_maps[position]
-        return levels
+        # Every slot is filled: each image index is in exactly one size group.
+        return cast(list[list[Tensor]], levels)
 
     def ground(
         self,

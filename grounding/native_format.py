@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from grounding.checkpoint import load_strict
 from grounding.config import GroundingDINOConfig, SwinConfig
+
+if TYPE_CHECKING:
+    from grounding.model import GroundingDINO
 
 CONFIG_FILE = "grounding_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -33,7 +36,7 @@ PROCESSOR_FILE = "processor_config.json"
 FORMAT_VERSION = 1
 
 
-def is_native(directory: str | Path) -> bool:
+def is_native(directory: str | os.PathLike) -> bool:
     """Whether `directory` is a checkpoint in this format."""
     return (Path(directory) / CONFIG_FILE).is_file()
 
@@ -61,12 +64,10 @@ def config_from_dict(values: dict[str, Any]) -> GroundingDINOConfig:
     unknown = (set(values) - known) | {f"backbone.{key}" for key in set(backbone) - swin_known}
     if unknown:
         raise ValueError(f"{CONFIG_FILE} has unknown settings: {sorted(unknown)}")
-    swin = SwinConfig(
-        **{
-            key: tuple(value) if isinstance(value, list) else value
-            for key, value in backbone.items()
-        }
-    )
+    swin_values: dict[str, Any] = {
+        key: tuple(value) if isinstance(value, list) else value for key, value in backbone.items()
+    }
+    swin = SwinConfig(**swin_values)
     return GroundingDINOConfig(backbone=swin, **values)
 
 
@@ -76,8 +77,8 @@ def read_native_config(directory: str | Path) -> GroundingDINOConfig:
 
 
 def save_native(
-    model: nn.Module,
-    directory: str | Path,
+    model: GroundingDINO,
+    directory: str | os.PathLike,
     tokenizer=None,
     *,
     dtype: torch.dtype = torch.float32,
@@ -110,7 +111,7 @@ def save_native(
     return directory
 
 
-def load_native(model: nn.Module, directory: str | Path) -> dict[str, int]:
+def load_native(model: GroundingDINO, directory: str | Path) -> dict[str, int]:
     """Load `model.safetensors` of a native directory into `model`, strictly."""
     from safetensors.torch import load_file
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -146,7 +147,10 @@ def build_scheduler(
 def rng_state() -> dict:
     """The RNG states of Python, NumPy and torch (CPU and every CUDA device), as tensors/lists."""
     version, python_state, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    # legacy=True (the default) gives the tuple form for the global MT19937 RandomState.
+    kind, keys, position, has_gauss, cached_gauss = cast(
+        tuple[str, np.ndarray, int, int, float], np.random.get_state()
+    )
     return {
         "python": [version, torch.tensor(python_state, dtype=torch.int64), gauss],
         "numpy": [

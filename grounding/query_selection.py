@@ -65,28 +65,30 @@ def encoder_output_proposals(
     """
     batch_size = vision.shape[0]
     # Cell indices up to a few hundred are not exact in 16-bit floats: the geometry is float32.
-    factory = {"dtype": torch.promote_types(vision.dtype, torch.float32), "device": vision.device}
-    proposals = []
+    dtype, device = torch.promote_types(vision.dtype, torch.float32), vision.device
+    level_proposals = []
     start = 0
     for level, (height, width) in enumerate(spatial_shapes):
         if vision_padding_mask is None:
-            valid_height = torch.full((batch_size,), height, **factory)
-            valid_width = torch.full((batch_size,), width, **factory)
+            valid_height = torch.full((batch_size,), height, dtype=dtype, device=device)
+            valid_width = torch.full((batch_size,), width, dtype=dtype, device=device)
         else:
             level_mask = vision_padding_mask[:, start : start + height * width]
             level_mask = level_mask.view(batch_size, height, width)
             # Padding is bottom/right, so the first column and row hold the valid extents.
-            valid_height = (~level_mask[:, :, 0]).sum(1).to(factory["dtype"])  # (B,)
-            valid_width = (~level_mask[:, 0, :]).sum(1).to(factory["dtype"])  # (B,)
+            valid_height = (~level_mask[:, :, 0]).sum(1).to(dtype)  # (B,)
+            valid_width = (~level_mask[:, 0, :]).sum(1).to(dtype)  # (B,)
         grid_y, grid_x = torch.meshgrid(
-            torch.arange(height, **factory), torch.arange(width, **factory), indexing="ij"
+            torch.arange(height, dtype=dtype, device=device),
+            torch.arange(width, dtype=dtype, device=device),
+            indexing="ij",
         )
         center_x = (grid_x.reshape(1, -1) + 0.5) / valid_width[:, None]  # (B, H*W)
         center_y = (grid_y.reshape(1, -1) + 0.5) / valid_height[:, None]  # (B, H*W)
         size = torch.full_like(center_x, _PROPOSAL_MIN_SIZE * 2.0**level)
-        proposals.append(torch.stack([center_x, center_y, size, size], dim=-1))  # (B, H*W, 4)
+        level_proposals.append(torch.stack([center_x, center_y, size, size], dim=-1))  # (B, H*W, 4)
         start += height * width
-    proposals = torch.cat(proposals, dim=1)  # (B, S, 4)
+    proposals = torch.cat(level_proposals, dim=1)  # (B, S, 4)
 
     low, high = _PROPOSAL_VALID_RANGE
     unusable = ~((proposals > low) & (proposals < high)).all(-1)  # (B, S)

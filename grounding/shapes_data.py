@@ -463,7 +463,8 @@ def generate_split(
     image_folder = folder / "images"
     image_folder.mkdir(parents=True, exist_ok=True)
     tasks = ((image_folder, seed, index, generator_options) for index in range(count))
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     started = time.perf_counter()
     with ProcessPoolExecutor(workers) if workers > 0 else nullcontext() as pool:
         # map keeps the order, so the files are the same for any number of workers.

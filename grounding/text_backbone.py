@@ -54,7 +54,8 @@ class TextBackbone(nn.Module):
 
     def __init__(self, config: GroundingDINOConfig) -> None:
         super().__init__()
-        bert_config = BertConfig(**config.text, attn_implementation="sdpa")
+        # transformers' @strict configs take extra keyword arguments at runtime; its types do not.
+        bert_config = BertConfig(**config.text, attn_implementation="sdpa")  # type: ignore[call-arg]
         self.bert = BertModel(bert_config, add_pooling_layer=False)
         # The official `feat_map`.
         self.projection = nn.Linear(config.text_hidden_size, config.hidden_dim)

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from grounding.build import save_detector
 from grounding.dataset import CocoGroundingDataset, GroundingBatch, collate
 from grounding.losses import SetCriterion
+from grounding.model import GroundingDINO
 from grounding.optim import rng_state, set_training_mode
 from grounding.text_masks import sub_sentence_masks
 
@@ -174,7 +176,7 @@ def accumulate_gradients(
     """
     boxes = [sum(len(target) for target in batch.targets) for batch in batches]
     total_boxes = max(sum(boxes), 1)
-    loss, terms = 0.0, {}
+    loss, terms = 0.0, dict[str, float]()
     for batch, count in zip(batches, boxes, strict=True):
         weight = max(count, 1) / total_boxes
         try:
@@ -199,6 +201,13 @@ def accumulate_gradients(
     return loss, terms
 
 
+class _Resize(TypedDict):
+    """The evaluation resize of `Trainer._resize` (keyword arguments of `save_checkpoint`)."""
+
+    image_size: int
+    max_size: int
+
+
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per line."""
 
@@ -220,7 +229,7 @@ class MetricsLog:
 
 def save_checkpoint(
     directory: Path,
-    model: nn.Module,
+    model: GroundingDINO,
     tokenizer,
     *,
     training_state: dict | None = None,
@@ -268,7 +277,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: GroundingDINO,
         tokenizer,
         criterion: SetCriterion,
         optimizer: torch.optim.Optimizer,
@@ -499,7 +508,7 @@ class Trainer:
         set_training_mode(self.model, self.frozen_modules)
 
     @property
-    def _resize(self) -> dict[str, int]:
+    def _resize(self) -> _Resize:
         """The evaluation resize, saved with each checkpoint (`load_detector` restores it)."""
         return {"image_size": self.options.eval_size, "max_size": self.options.eval_max_size}
 
@@ -509,6 +518,8 @@ class Trainer:
         from grounding.predictor import Detector
 
         options = self.options
+        # Only called with a validation set (`val_images` and `val_annotations` come together).
+        assert options.val_images is not None and options.val_annotations is not None
         annotations = read_annotations(options.val_annotations)
         detector = Detector(self.model, self.tokenizer, self.device)
         try:

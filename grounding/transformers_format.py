@@ -30,9 +30,11 @@ they are exactly what transformers writes for this architecture:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -40,7 +42,11 @@ from torch import nn
 from grounding.checkpoint import transformers_rules
 from grounding.config import GroundingDINOConfig
 from grounding.key_mapping import KeyMappingError
+from grounding.model import GroundingDINO
 from grounding.predictor import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE, Detector
+
+if TYPE_CHECKING:
+    from transformers import GroundingDinoForObjectDetection
 
 _PARTS = ("q", "k", "v")
 # transformers tensors that the loader drops, and the value written for them.
@@ -76,7 +82,8 @@ def transformers_config(config: GroundingDINOConfig):
         patch_size=swin.patch_size,
         mlp_ratio=swin.mlp_ratio,
         # transformers counts the patch embedding as stage 0.
-        out_indices=[i + 1 for i in swin.out_indices],
+        # Handled by SwinConfig.__post_init__ (it is not a field): transformers' types lack it.
+        out_indices=[i + 1 for i in swin.out_indices],  # type: ignore[call-arg]
         layer_norm_eps=swin.layer_norm_eps,
         drop_path_rate=swin.drop_path_rate,
     )
@@ -117,7 +124,7 @@ def to_transformers_config(config: GroundingDINOConfig) -> dict:
     return transformers_config(config).to_dict()
 
 
-def transformers_skeleton(config: GroundingDINOConfig) -> nn.Module:
+def transformers_skeleton(config: GroundingDINOConfig) -> GroundingDinoForObjectDetection:
     """transformers' `GroundingDinoForObjectDetection` for `config` on the meta device (no memory):
     its state-dict keys, shapes and tied names, without weights."""
     from transformers import GroundingDinoForObjectDetection
@@ -165,7 +172,7 @@ def transformers_key_map(
 
 
 def transformers_state_dict(
-    model: nn.Module,
+    model: GroundingDINO,
     dtype: torch.dtype = torch.float32,
     skeleton: nn.Module | None = None,
     device: str | torch.device = "cpu",
@@ -240,8 +247,8 @@ def _copy(
 
 
 def save_pretrained(
-    detector_or_model: Detector | nn.Module,
-    directory: str | Path,
+    detector_or_model: Detector | GroundingDINO,
+    directory: str | os.PathLike,
     tokenizer=None,
     *,
     dtype: torch.dtype = torch.float32,
@@ -275,7 +282,8 @@ def save_pretrained(
             "grounding.save_detector, which writes our own format for it"
         )
     directory = Path(directory)
-    skeleton = transformers_skeleton(model.config).to(dtype)
+    # transformers wraps PreTrainedModel.to with functools.wraps, which loses `self` in its type.
+    skeleton = transformers_skeleton(model.config).to(dtype)  # type: ignore[arg-type]
     state_dict = transformers_state_dict(model, dtype, skeleton)
     # transformers' own writer: drops the tied aliases, restores its on-disk (4.x) Swin names.
     skeleton.save_pretrained(directory, state_dict=state_dict)

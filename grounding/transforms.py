@@ -63,7 +63,7 @@ def preprocess(image: Image.Image | np.ndarray, size: int = 800, max_size: int =
     pil = to_pil_rgb(image)
     new_size = resized_size(pil.width, pil.height, size, max_size)
     if new_size != pil.size:
-        pil = pil.resize(new_size, Image.BILINEAR)
+        pil = pil.resize(new_size, Image.Resampling.BILINEAR)
     # (H, W, 3) uint8 -> (3, H, W) float in [0, 1]
     pixels = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
     pixels = pixels.float().div_(255)

@@ -467,4 +467,6 @@ def load_on_page_open(progress=PROGRESS) -> str:
     if not MODELS.loaded:
         progress(0.1, desc="Loading models (the first start downloads the weights)")
     loaded_models()
-    return f"Models ready: {MODELS.choice.describe()}."
+    choice = MODELS.choice
+    assert choice is not None  # loaded_models raised otherwise
+    return f"Models ready: {choice.describe()}."

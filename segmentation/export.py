@@ -172,6 +172,7 @@ def write_zip(
             inside = mask[window]
             cutout = np.dstack([pixels[window] * inside[..., None], inside.view(np.uint8) * 255])
             archive.writestr(f"cutouts/{name}", _png(Image.fromarray(cutout)))
+            assert archive.fp is not None  # set while the archive is open for writing
             if max_bytes is not None and archive.fp.tell() > max_bytes:
                 raise ValueError(
                     f"the ZIP of masks and cut-outs would pass {max_bytes / 1e6:.0f} "

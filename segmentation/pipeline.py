@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -362,7 +363,7 @@ class GroundedSAM:
         """Decode the next BACKGROUND_CHUNK uncached boxes of `job`; True when none are left."""
         if job.boxes is None:
             job.boxes = self._boxes_below(job.raw, job.thresholds, 0.0, self.background_boxes)
-        chunk = []
+        chunk: list[np.ndarray] = []
         while job.done < len(job.boxes) and len(chunk) < BACKGROUND_CHUNK:
             box = job.boxes[job.done]
             job.done += 1
@@ -420,21 +421,22 @@ class GroundedSAM:
                 self.cache.put(("mask", image_key, box.tobytes()), entry, entry.nbytes)
             for index, entry in zip(missing, entries, strict=False):  # extras come last
                 found[index] = entry
+        filled = cast(list[_Mask], found)  # every None was decoded above
         height, width = embedding.original_size
         masks = np.zeros((len(boxes), height, width), dtype=bool)
-        for mask, entry in zip(masks, found, strict=True):
+        for mask, entry in zip(masks, filled, strict=True):
             mask[
                 entry.top : entry.top + entry.crop.shape[0],
                 entry.left : entry.left + entry.crop.shape[1],
             ] = entry.crop
-        scores = np.array([entry.score for entry in found], dtype=np.float32)
+        scores = np.array([entry.score for entry in filled], dtype=np.float32)
         return masks, scores
 
 
 def _digest(pixels: np.ndarray) -> str:
     """A content key for an (H, W, 3) uint8 array (about 25 ms for 12 MP)."""
     digest = hashlib.sha256(str(pixels.shape).encode())
-    digest.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))
+    digest.update(np.ascontiguousarray(pixels).data.cast("B"))
     return digest.hexdigest()
 
 

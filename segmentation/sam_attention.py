@@ -179,7 +179,7 @@ def restore_sam(sam: Sam) -> Sam:
     for module in sam.image_encoder.modules():
         if isinstance(module, FastAttention):
             module.__class__ = Attention
-            vars(module).pop("bias_elements", None)
+            module.__dict__.pop("bias_elements", None)
     return sam
 
 

@@ -266,15 +266,15 @@ class MaskBatch:
 
 def collate(samples: list[MaskSample | None]) -> MaskBatch | None:
     """A batch of the readable samples, or None when there is none."""
-    samples = [sample for sample in samples if sample is not None]
-    if not samples:
+    kept = [sample for sample in samples if sample is not None]
+    if not kept:
         return None
     return MaskBatch(
-        [s.image_id for s in samples],
-        torch.stack([s.pixels for s in samples]),
-        [s.boxes for s in samples],
-        [s.masks for s in samples],
-        [s.input_size for s in samples],
+        [s.image_id for s in kept],
+        torch.stack([s.pixels for s in kept]),
+        [s.boxes for s in kept],
+        [s.masks for s in kept],
+        [s.input_size for s in kept],
     )
 
 

@@ -29,6 +29,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from segment_anything.modeling import (
@@ -81,12 +82,10 @@ class SmallSamConfig:
         unknown = set(values) - {field.name for field in fields(cls)}
         if unknown:
             raise ValueError(f"unknown SAM config keys {sorted(unknown)}")
-        return cls(
-            **{
-                key: tuple(value) if isinstance(value, list) else value
-                for key, value in values.items()
-            }
-        )
+        converted: dict[str, Any] = {
+            key: tuple(value) if isinstance(value, list) else value for key, value in values.items()
+        }
+        return cls(**converted)
 
 
 def build_small_sam(config: SmallSamConfig = SmallSamConfig()) -> Sam:

@@ -11,6 +11,8 @@ drawing and the colours match `legend`'s hex codes.
 
 from __future__ import annotations
 
+from typing import cast
+
 import cv2
 import numpy as np
 import supervision as sv
@@ -103,7 +105,9 @@ def _blend_masks(scene: np.ndarray, result: SegmentedDetections, opacity: float)
     masks = result.masks
     if not len(masks):
         return
-    rows, columns = masks.any(axis=2), masks.any(axis=1)  # (N, H), (N, W)
+    # Arrays, not scalars, for an axis of a 3-D array (numpy types `any` as either).
+    rows = cast(np.ndarray, masks.any(axis=2))  # (N, H)
+    columns = cast(np.ndarray, masks.any(axis=1))  # (N, W)
     windows: list[tuple[slice, slice] | None] = []
     areas = np.zeros(len(masks), dtype=np.int64)
     for index in range(len(masks)):

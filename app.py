@@ -9,36 +9,38 @@ GRADIO_SERVER_NAME, GRADIO_SERVER_PORT), which is how a Hugging Face Space is co
 Named endpoints for gradio_client: `/segment` (image, prompt, box_threshold, text_threshold) ->
 JSON with boxes, scores, phrases, COCO RLE masks and how many were omitted (at most 100 are
 kept); `/annotate` (same inputs) -> annotated PNG, COCO JSON file, ZIP of masks and cut-outs.
-UI-only events are private. What the events do is in `segmentation/app_events.py`; this file is
-the layout and the launch.
+UI-only events are private. What the events do is in `ui/handlers.py`: `main` builds one
+`GroundedSamApp` and this file wires its bound methods to the layout, then launches.
 
-Models load once, on first use (page load or first request), not at import; on Spaces they load at
-import, outside any `@spaces.GPU` call, as ZeroGPU requires. Threshold sliders call the pipeline
-again: it re-filters its cached detector output and decodes only new masks (no model re-run).
+Models load once, on first use (page load or first request), not at import; on Spaces they load
+before the launch, outside any `@spaces.GPU` call, as ZeroGPU requires. Threshold sliders call
+the pipeline again: it re-filters its cached detector output and decodes only new masks (no model
+re-run).
 """
 
 from __future__ import annotations
 
 try:  # ZeroGPU: `spaces` must be imported before torch initialises CUDA.
     import spaces  # noqa: F401
-except ImportError:  # not on a Space: segmentation.app_events makes @gpu a no-op
+except ImportError:  # not on a Space: ui.zero_gpu makes `gpu` a no-op
     pass
 
 import argparse
 import os
+import shutil
 import signal
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from segmentation import app_events as events
 from segmentation.cli import ModelChoice, add_model_arguments, model_choice
+from segmentation.inputs import MAX_PROMPT_CHARS
 from segmentation.offline import EXAMPLE_PROMPT, known_names_text
 from segmentation.report import TABLE_HEADERS
+from ui.handlers import BOX_THRESHOLD, TEXT_THRESHOLD, GroundedSamApp
 
 ASSETS = Path(__file__).parent / "assets"
 SHAPES_EXAMPLE = [str(ASSETS / "shapes.jpg"), EXAMPLE_PROMPT]
@@ -108,11 +110,13 @@ OFFLINE_BANNER = (
 )
 
 
-def build_demo(config: AppConfig) -> gr.Blocks:
-    """The Blocks app for a configuration (models are not loaded here)."""
-    events.MODELS.configure(config.models)
+def build_demo(config: AppConfig, handlers: GroundedSamApp | None = None) -> gr.Blocks:
+    """The Blocks app for a configuration, its events answered by `handlers` (default: a new
+    GroundedSamApp for `config.models`; models are not loaded here)."""
+    if handlers is None:
+        handlers = GroundedSamApp(config.models, example_folder=ASSETS)
     # Now, not on the first answer: export folders left by processes that died are removed.
-    events.export_folders(gr.utils.get_upload_folder())
+    handlers.export_folders()
     with gr.Blocks(
         title="Grounded SAM", analytics_enabled=False, delete_cache=(3600, 3600)
     ) as demo:
@@ -134,13 +138,13 @@ def build_demo(config: AppConfig) -> gr.Blocks:
                 prompt = gr.Textbox(
                     label="What to find",
                     placeholder="a cat . a remote control .",
-                    max_length=events.MAX_PROMPT_CHARS,
+                    max_length=MAX_PROMPT_CHARS,
                     elem_id="prompt",
                 )
                 box_threshold = gr.Slider(
                     0.0,
                     1.0,
-                    value=events.BOX_THRESHOLD,
+                    value=BOX_THRESHOLD,
                     step=0.01,
                     label="Box threshold",
                     info="keep a box when its score is above this",
@@ -149,7 +153,7 @@ def build_demo(config: AppConfig) -> gr.Blocks:
                 text_threshold = gr.Slider(
                     0.0,
                     1.0,
-                    value=events.TEXT_THRESHOLD,
+                    value=TEXT_THRESHOLD,
                     step=0.01,
                     label="Text threshold",
                     info="words above this label a box (never removes one)",
@@ -181,40 +185,40 @@ def build_demo(config: AppConfig) -> gr.Blocks:
         )
         ui_outputs = [annotated, legend, detections, downloads, message]
         inputs = [image, prompt, box_threshold, text_threshold, session]
-        with examples_cache(config.models):
-            gr.Examples(
-                OFFLINE_EXAMPLES if config.models.offline else EXAMPLES,
-                inputs=[image, prompt],
-                outputs=ui_outputs,
-                fn=events.example_segment,
-                cache_examples=True,
-                cache_mode="lazy",
-                label="Examples (synthetic scenes)",
-            )
+        examples = gr.Examples(
+            OFFLINE_EXAMPLES if config.models.offline else EXAMPLES,
+            inputs=[image, prompt],
+            outputs=ui_outputs,
+            fn=handlers.example_segment,
+            cache_examples=True,
+            cache_mode="lazy",
+            label="Examples (synthetic scenes)",
+        )
+        cache_examples_in(examples, examples_cache_folder(config.models))
         shared: dict[str, Any] = dict(
             concurrency_id="models", concurrency_limit=1, preprocess=False
         )
         gr.on(
             [run.click, prompt.submit],
-            events.ui_segment,
+            handlers.ui_segment,
             inputs,
             [*ui_outputs, session],
-            validator=events.validate_run,
+            validator=handlers.validate_run,
             api_visibility="private",
             **shared,
         )
         for slider in (box_threshold, text_threshold):
             slider.release(
-                events.ui_rethreshold,
+                handlers.ui_rethreshold,
                 inputs,
                 [*ui_outputs, session],
                 api_visibility="private",
                 show_progress="minimal",
                 **shared,
             )
-        make_zip.click(events.ui_zip, inputs, downloads, api_visibility="private", **shared)
+        make_zip.click(handlers.ui_zip, inputs, downloads, api_visibility="private", **shared)
         demo.load(
-            events.load_on_page_open,
+            handlers.load_on_page_open,
             outputs=status,
             api_visibility="private",
             concurrency_id="models",
@@ -227,10 +231,10 @@ def build_demo(config: AppConfig) -> gr.Blocks:
         api_coco = gr.File(label="coco_json", visible=False)
         api_zip = gr.File(label="masks_zip", visible=False)
         api_inputs = [image, prompt, box_threshold, text_threshold]
-        gr.on([], events.api_segment, api_inputs, api_json, api_name="segment", **shared)
+        gr.on([], handlers.api_segment, api_inputs, api_json, api_name="segment", **shared)
         gr.on(
             [],
-            events.api_annotate,
+            handlers.api_annotate,
             api_inputs,
             [api_image, api_coco, api_zip],
             api_name="annotate",
@@ -239,20 +243,27 @@ def build_demo(config: AppConfig) -> gr.Blocks:
     return demo
 
 
-@contextmanager
-def examples_cache(choice: ModelChoice) -> Iterator[None]:
-    """Cache examples per model choice (Gradio reads the folder from the environment when
-    gr.Examples is built), so results of random offline weights never show for real models."""
-    saved = os.environ.get("GRADIO_EXAMPLES_CACHE")
+def examples_cache_folder(choice: ModelChoice) -> Path:
+    """Where the examples' results are cached for a model choice: its own folder in Gradio's
+    examples cache, so that results of random offline weights never show for real models."""
     tag = "offline-shapes" if choice.offline else f"{Path(choice.detector).name}-{choice.sam}"
-    os.environ["GRADIO_EXAMPLES_CACHE"] = str(Path(saved or ".gradio/cached_examples") / tag)
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("GRADIO_EXAMPLES_CACHE")
-        else:
-            os.environ["GRADIO_EXAMPLES_CACHE"] = saved
+    return gr.utils.get_cache_folder() / tag
+
+
+def cache_examples_in(examples: gr.helpers.Examples, folder: Path) -> None:
+    """Make `examples` cache its results in `folder` instead of Gradio's shared one.
+
+    Gradio 6 has no argument for this: gr.Examples takes its folder from the process-wide
+    GRADIO_EXAMPLES_CACHE when it is built. The paths it derives are set again here, before
+    anything is cached (lazy caching reads them on the first click). Gradio serves files from
+    anywhere under its cache folder, `folder` included. (Gradio's start-up line "Will cache
+    examples in ..." still names the shared folder.)
+    """
+    examples.cached_folder = folder / str(examples.dataset._id)
+    examples.cached_file = examples.cached_folder / "log.csv"
+    examples.cached_indices_file = examples.cached_folder / "indices.csv"
+    if os.environ.get("GRADIO_RESET_EXAMPLES_CACHE") == "True" and examples.cached_folder.exists():
+        shutil.rmtree(examples.cached_folder)  # what gr.Examples did for the shared folder
 
 
 def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
@@ -268,18 +279,20 @@ def launch(demo: gr.Blocks, config: AppConfig, **kwargs):
     )
 
 
-if ON_SPACES:
-    # At import, outside any @spaces.GPU call: ZeroGPU wants the weights on the device up front.
-    SPACE_CONFIG = parse_args([])
-    demo = build_demo(SPACE_CONFIG)
-    events.MODELS.get()
-
-if __name__ == "__main__":
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve the app; on Spaces with the Space's configuration (environment variables only)."""
     # SIGTERM (docker stop, Spaces restarts) ends the server like Ctrl-C does, so exit handlers
     # run: the export folder of this process is removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    config = parse_args([] if ON_SPACES else argv)
+    handlers = GroundedSamApp(config.models, example_folder=ASSETS)
+    demo = build_demo(config, handlers)
     if ON_SPACES:
-        launch(demo, SPACE_CONFIG)
-    else:
-        app_config = parse_args()
-        launch(build_demo(app_config), app_config)
+        # Before the launch, outside any @spaces.GPU call: ZeroGPU wants the weights on the
+        # device up front.
+        handlers.pipeline()
+    launch(demo, config)
+
+
+if __name__ == "__main__":
+    main()

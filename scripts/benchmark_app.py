@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import app  # noqa: E402  (the repository's app.py)
 from grounding import Detector, build_model  # noqa: E402
 from grounding.config import PRESETS  # noqa: E402
-from segmentation import app_events  # noqa: E402
 from segmentation.cli import ModelChoice  # noqa: E402
 from segmentation.pipeline import GroundedSAM  # noqa: E402
 from segmentation.sam import BoxSegmenter  # noqa: E402
+from ui.handlers import BACKGROUND_BOXES, MAX_DETECTIONS, GroundedSamApp  # noqa: E402
 
 VOCAB = Path(__file__).resolve().parents[1] / "tests" / "data" / "bert-base-uncased-vocab.txt"
 PROMPT = "a cat . a remote control . a dog . a person ."
@@ -88,15 +88,16 @@ def full_size_pipeline(sam: str, device: torch.device) -> GroundedSAM:
     detector = Detector(model, BertTokenizer(vocab=str(VOCAB), do_lower_case=True),
                         device=device)
     segmenter = BoxSegmenter(sam_model_registry[sam](checkpoint=None).to(device).eval())
-    return GroundedSAM(detector, segmenter, background_boxes=app_events.BACKGROUND_BOXES)
+    return GroundedSAM(detector, segmenter, background_boxes=BACKGROUND_BOXES)
 
 
 def serve(pipeline: GroundedSAM, sam: str, device: torch.device,
           handler_seconds: list[float]) -> str:
-    """The app on a free localhost port, its model store handing out `pipeline`; the duration
-    of each call of the UI handler is appended to `handler_seconds`."""
-    app_events.load_models = lambda choice: pipeline  # instead of loading weights
-    handler = app_events.ui_segment  # the run button's, and the sliders' through ui_rethreshold
+    """The app on a free localhost port, its handlers serving `pipeline`; the duration of each
+    call of the UI handler is appended to `handler_seconds`."""
+    choice = ModelChoice(detector="swint_ogc", sam=sam, device=str(device), offline=False)
+    handlers = GroundedSamApp(choice, loader=lambda choice: pipeline)  # no weights loaded
+    handler = handlers.ui_segment  # the run button's, and the sliders' through ui_rethreshold
 
     @functools.wraps(handler)
     def timed_handler(*args, **kwargs):
@@ -106,13 +107,12 @@ def serve(pipeline: GroundedSAM, sam: str, device: torch.device,
         finally:
             handler_seconds.append(time.perf_counter() - start)
 
-    app_events.ui_segment = timed_handler
+    handlers.ui_segment = timed_handler  # shadows the method, for ui_rethreshold too
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    choice = ModelChoice(detector="swint_ogc", sam=sam, device=str(device), offline=False)
     config = app.AppConfig(models=choice, host="127.0.0.1", port=port)
-    app.launch(app.build_demo(config), config, prevent_thread_lock=True, quiet=True)
+    app.launch(app.build_demo(config, handlers), config, prevent_thread_lock=True, quiet=True)
     return f"http://127.0.0.1:{port}/"
 
 
@@ -141,9 +141,9 @@ def main() -> None:
     shown = {"first": args.boxes}
     shown["down"] = [args.boxes + args.step * (i + 1) for i in range(args.moves)]
     shown["past"] = shown["down"][-1] + ahead + args.step
-    if shown["past"] > app_events.MAX_DETECTIONS:
+    if shown["past"] > MAX_DETECTIONS:
         parser.error(f"--boxes + --step x (--moves + 1) + {ahead} must stay within the app's "
-                     f"cap of {app_events.MAX_DETECTIONS} detections")
+                     f"cap of {MAX_DETECTIONS} detections")
     if len(np.unique(scores[:shown["past"] + 1])) <= shown["past"]:
         raise RuntimeError("tied scores: thresholds cannot pick exact box counts")
 

@@ -37,26 +37,28 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """(segmentation.app_events, client) for the app launched in this process on a free port
-    (so tests can read the pipeline's counters and patch the handlers' settings)."""
+    """(handlers, client) for the app launched in this process on a free port: its
+    ui.handlers.GroundedSamApp, so tests can read the pipeline's counters and change the
+    handlers' settings."""
     tmp = tmp_path_factory.mktemp("app")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
         patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp / "examples"))
         patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         import app
-        from segmentation import app_events
         from segmentation.cli import ModelChoice
+        from ui.handlers import GroundedSamApp
 
         config = app.AppConfig(models=ModelChoice("swint_ogc", "vit_b", "cpu", offline=True),
                                host="127.0.0.1", port=free_port())
-        demo = app.build_demo(config)
+        handlers = GroundedSamApp(config.models)
+        demo = app.build_demo(config, handlers)
         _, url, _ = app.launch(demo, config, prevent_thread_lock=True, quiet=True)
         from gradio_client import Client
 
         client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
         try:
-            yield app_events, client
+            yield handlers, client
         finally:
             client.close()
             demo.close()

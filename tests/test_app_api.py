@@ -86,9 +86,9 @@ def test_segment_returns_boxes_phrases_and_decodable_masks(served, images):
 
 
 def test_threshold_change_refilters_without_running_the_models(served, images):
-    events, client = served
+    handlers, client = served
     everything = segment(client, images["rgb.png"], box=0.0)
-    stats = events.MODELS.get().stats
+    stats = handlers.pipeline().stats
     runs = (stats.detector_runs, stats.image_embeddings)
     threshold = float(np.median(everything["scores"]))
     kept = segment(client, images["rgb.png"], box=threshold)
@@ -161,15 +161,15 @@ def test_bad_prompts_and_thresholds_give_clear_errors(served, images, prompt, bo
 def test_long_prompt_and_the_detection_cap(served, images, monkeypatch):
     """Over 256 tokens: the detector runs several text passes, each adding its own boxes; of
     those above the threshold the API returns the best MAX_DETECTIONS and counts the rest."""
-    events, client = served
+    handlers, client = served
     # 200 phrases of 2 words, 600 tokens: 3 text passes of the offline detector's 50 queries.
     phrases = [f"{letter} {digit}" for letter in "abcdefghijklmnopqrst" for digit in range(10)]
     prompt = " . ".join(phrases)
     capped = segment(client, images["rgb.png"], prompt=prompt, box=0.0)
-    assert len(capped["boxes"]) == len(capped["masks"]) == events.MAX_DETECTIONS
+    assert len(capped["boxes"]) == len(capped["masks"]) == handlers.max_detections == 100
     assert capped["omitted"] > 0
 
-    monkeypatch.setattr(events, "MAX_DETECTIONS", None)
+    monkeypatch.setattr(handlers, "max_detections", None)
     everything = segment(client, images["rgb.png"], prompt=prompt, box=0.0)
     monkeypatch.undo()
     assert everything["omitted"] == 0

@@ -1,5 +1,5 @@
-"""The app's handlers (segmentation/app_events.py) called directly, no server: caching on slider
-moves, messages, the detection cap, settings; and app.py's own helpers."""
+"""The app's handlers (ui/handlers.py) called directly, no server: caching on slider moves,
+messages, the detection cap, settings; and app.py's own helpers."""
 
 from __future__ import annotations
 
@@ -23,14 +23,18 @@ def no_progress(*args, **kwargs) -> None:
     """Stands in for gr.Progress outside an event."""
 
 
-@pytest.fixture(scope="module")
-def events():
-    """segmentation.app_events with the offline models (trained on shapes) configured."""
-    from segmentation import app_events
+def offline_choice():
     from segmentation.cli import ModelChoice
 
-    app_events.MODELS.configure(ModelChoice("swint_ogc", "vit_b", "cpu", offline=True))
-    return app_events
+    return ModelChoice("swint_ogc", "vit_b", "cpu", offline=True)
+
+
+@pytest.fixture(scope="module")
+def handlers():
+    """A GroundedSamApp serving the offline models (trained on shapes)."""
+    from ui.handlers import GroundedSamApp
+
+    return GroundedSamApp(offline_choice())
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +55,17 @@ def upload(tmp_path, monkeypatch) -> dict:
     return {"path": str(path), "orig_name": "my scene.png", "meta": {"_type": "gradio.FileData"}}
 
 
-def test_slider_release_reuses_the_decoded_image_and_the_models(events, upload, monkeypatch):
+def test_slider_release_reuses_the_decoded_image_and_the_models(handlers, upload, monkeypatch):
     decoded = []
-    real_decode = events.decode_image
-    monkeypatch.setattr(events, "decode_image",
+    real_decode = handlers.decode_image
+    monkeypatch.setattr(handlers, "decode_image",
                         lambda path: decoded.append(path) or real_decode(path))
-    *first, session = events.ui_segment(upload, PROMPT, 0.0, 0.25, None, no_progress)
-    stats = events.MODELS.get().stats
+    *first, session = handlers.ui_segment(upload, PROMPT, 0.0, 0.25, None, no_progress)
+    stats = handlers.pipeline().stats
     runs = (stats.detector_runs, stats.image_embeddings)
 
-    *second, same_session = events.ui_rethreshold(upload, PROMPT, 0.3, 0.25, session,
-                                                  no_progress)
+    *second, same_session = handlers.ui_rethreshold(upload, PROMPT, 0.3, 0.25, session,
+                                                    no_progress)
     assert decoded == [upload["path"]], "the upload was decoded again on a slider move"
     assert same_session["image"] is session["image"]
     assert (stats.detector_runs, stats.image_embeddings) == runs, "a model ran again"
@@ -76,47 +80,49 @@ def test_slider_release_reuses_the_decoded_image_and_the_models(events, upload, 
     assert [Path(p).name for p in downloads] == ["my_scene_coco.json"]
 
 
-def test_result_image_is_a_jpeg_close_to_the_drawing(events, upload):
+def test_result_image_is_a_jpeg_close_to_the_drawing(handlers, upload):
     from segmentation.visualize import annotate
 
-    picture, *_, session = events.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
-    drawn = annotate(session["image"], events.run_pipeline(session["image"], PROMPT, 0.5, 0.25))
+    picture, *_, session = handlers.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
+    drawn = annotate(session["image"], handlers.run_pipeline(session["image"], PROMPT, 0.5, 0.25))
     shown = np.asarray(Image.open(picture).convert("RGB")).astype(int)
     assert np.abs(shown - drawn).mean() < 3, "JPEG quality 90 stays close to the drawing"
 
 
-def test_zip_button_writes_masks_for_the_shown_result(events, upload):
+def test_zip_button_writes_masks_for_the_shown_result(handlers, upload):
     import zipfile
 
-    *_, session = events.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
-    json_path, zip_path = events.ui_zip(upload, PROMPT, 0.5, 0.25, session, no_progress)
+    *_, session = handlers.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
+    json_path, zip_path = handlers.ui_zip(upload, PROMPT, 0.5, 0.25, session, no_progress)
     with zipfile.ZipFile(zip_path) as archive:
         masks = [name for name in archive.namelist() if name.startswith("masks/")]
-    shown = events.run_pipeline(session["image"], PROMPT, 0.5, 0.25)
+    shown = handlers.run_pipeline(session["image"], PROMPT, 0.5, 0.25)
     assert len(masks) == len(shown) > 0
     with pytest.raises(gr.Error, match="Segment first"):
-        events.ui_zip(upload, PROMPT, 0.5, 0.25, None, no_progress)
+        handlers.ui_zip(upload, PROMPT, 0.5, 0.25, None, no_progress)
 
 
 @pytest.mark.parametrize("has_image, prompt", [(False, PROMPT), (True, " "), (True, None)])
-def test_slider_release_without_image_or_prompt_changes_nothing(events, upload, has_image,
+def test_slider_release_without_image_or_prompt_changes_nothing(handlers, upload, has_image,
                                                                 prompt):
-    outputs = events.ui_rethreshold(upload if has_image else None, prompt, 0.5, 0.25, None,
-                                    no_progress)
-    assert len(outputs) == events.UI_OUTPUT_COUNT + 1
+    from ui.handlers import UI_OUTPUT_COUNT
+
+    outputs = handlers.ui_rethreshold(upload if has_image else None, prompt, 0.5, 0.25, None,
+                                      no_progress)
+    assert len(outputs) == UI_OUTPUT_COUNT + 1
     assert all(output == {"__type__": "update"} for output in outputs)
 
 
-def test_slider_release_after_an_example_click_runs(events, upload):
+def test_slider_release_after_an_example_click_runs(handlers, upload):
     """An example fills the image input but not the session: the slider still updates."""
-    *outputs, session = events.ui_rethreshold(upload, PROMPT, 0.5, 0.25, None, no_progress)
+    *outputs, session = handlers.ui_rethreshold(upload, PROMPT, 0.5, 0.25, None, no_progress)
     assert session["source"] == upload["path"] and "Found" in outputs[-1]
 
 
-def test_no_detections_is_a_message_not_an_error(events, upload, tmp_path):
+def test_no_detections_is_a_message_not_an_error(handlers, upload, tmp_path):
     from segmentation.report import write_picture
 
-    picture, legend, table, downloads, message, session = events.ui_segment(
+    picture, legend, table, downloads, message, session = handlers.ui_segment(
         upload, PROMPT, 1.0, 0.25, None, no_progress)
     assert "No objects found" in message and len(table) == 0
     untouched = write_picture(session["image"], tmp_path, "scene.png")  # nothing drawn
@@ -124,12 +130,12 @@ def test_no_detections_is_a_message_not_an_error(events, upload, tmp_path):
     assert "red circle (0)" in legend
 
 
-def test_detections_are_capped_and_the_summary_says_so(events, upload, monkeypatch):
-    everything = events.run_pipeline(events.decode_image(upload["path"]), PROMPT, 0.0, 0.25)
+def test_detections_are_capped_and_the_summary_says_so(handlers, upload, monkeypatch):
+    everything = handlers.run_pipeline(handlers.decode_image(upload["path"]), PROMPT, 0.0, 0.25)
     total = len(everything) + everything.omitted
     assert total > 3, "box threshold 0 keeps every query"
-    monkeypatch.setattr(events, "MAX_DETECTIONS", 3)
-    *outputs, _ = events.ui_segment(upload, PROMPT, 0.0, 0.25, None, no_progress)
+    monkeypatch.setattr(handlers, "max_detections", 3)
+    *outputs, _ = handlers.ui_segment(upload, PROMPT, 0.0, 0.25, None, no_progress)
     table, message = outputs[2], outputs[-1]
     assert len(table) == 3
     assert table["score"].tolist() == pytest.approx(everything.scores[:3].tolist(), abs=1e-3)
@@ -152,42 +158,64 @@ def test_summary_mentions_omitted_detections_only_when_there_are_some():
         "see fewer.")
 
 
-def test_empty_prompt_and_missing_image_are_user_errors(events, upload):
+def test_empty_prompt_and_missing_image_are_user_errors(handlers, upload):
     with pytest.raises(gr.Error, match="Type what to find"):
-        events.ui_segment(upload, "  . ", 0.3, 0.25, None, no_progress)
+        handlers.ui_segment(upload, "  . ", 0.3, 0.25, None, no_progress)
     with pytest.raises(gr.Error, match="Upload an image"):
-        events.ui_segment(None, PROMPT, 0.3, 0.25, None, no_progress)
-    image_check, prompt_check, *rest = events.validate_run(None, " ", 0.3, 0.25, None)
+        handlers.ui_segment(None, PROMPT, 0.3, 0.25, None, no_progress)
+    image_check, prompt_check, *rest = handlers.validate_run(None, " ", 0.3, 0.25, None)
     assert not image_check["is_valid"] and not prompt_check["is_valid"]
     assert len(rest) == 3 and all(check["is_valid"] for check in rest)
-    assert all(check["is_valid"] for check in events.validate_run(upload, PROMPT, 0.3, 0.25, None))
+    checks = handlers.validate_run(upload, PROMPT, 0.3, 0.25, None)
+    assert all(check["is_valid"] for check in checks)
 
 
-def test_legend_escapes_html(events, upload):
+def test_legend_escapes_html(handlers, upload):
     from segmentation.report import legend_html
 
-    *_, session = events.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
-    result = events.run_pipeline(session["image"], PROMPT, 0.5, 0.25)
+    *_, session = handlers.ui_segment(upload, PROMPT, 0.5, 0.25, None, no_progress)
+    result = handlers.run_pipeline(session["image"], PROMPT, 0.5, 0.25)
     result.prompt_phrases[0] = "<img src=x onerror=alert(1)>"
     assert "<img" not in legend_html(result)
 
 
-def test_download_names_are_safe(events):
-    assert events.upload_name({"path": "/tmp/x", "orig_name": "../../etc/my photo.jpg"}) == \
-        "my_photo.jpg"
-    assert events.upload_name({"path": "/tmp/x", "orig_name": None}) == "image"
-    assert events.upload_name("/somewhere/street.jpg") == "street.jpg"
+def test_download_names_are_safe():
+    from segmentation.inputs import upload_name
+
+    assert upload_name({"path": "/tmp/x", "orig_name": "../../etc/my photo.jpg"}) == "my_photo.jpg"
+    assert upload_name({"path": "/tmp/x", "orig_name": None}) == "image"
+    assert upload_name("/somewhere/street.jpg") == "street.jpg"
 
 
 def test_examples_are_cached_per_model_choice(app, monkeypatch):
     from segmentation.cli import ModelChoice
 
     monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", "/cache")
-    with app.examples_cache(ModelChoice("swint_ogc", "vit_h", "cuda", offline=False)):
-        assert os.environ["GRADIO_EXAMPLES_CACHE"] == "/cache/swint_ogc-vit_h"
-    with app.examples_cache(ModelChoice("swint_ogc", "vit_b", "cpu", offline=True)):
-        assert os.environ["GRADIO_EXAMPLES_CACHE"] == "/cache/offline-shapes"
+    assert app.examples_cache_folder(ModelChoice("swint_ogc", "vit_h", "cuda", offline=False)) \
+        == Path("/cache/swint_ogc-vit_h")
+    assert app.examples_cache_folder(offline_choice()) == Path("/cache/offline-shapes")
     assert os.environ["GRADIO_EXAMPLES_CACHE"] == "/cache"
+
+
+def test_the_demo_caches_its_examples_in_the_folder_of_its_models(app, handlers, upload,
+                                                                   tmp_path, monkeypatch):
+    """The examples of a built demo (lazily cached on the first click) land in the folder of
+    their model choice, without the environment being changed."""
+    from gradio_client import utils as client_utils
+
+    monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path / "examples"))
+    built = []
+    real_cache_examples_in = app.cache_examples_in
+    monkeypatch.setattr(app, "cache_examples_in", lambda examples, folder: (
+        built.append(examples), real_cache_examples_in(examples, folder)))
+    config = app.AppConfig(models=offline_choice(), host="127.0.0.1", port=None)
+    app.build_demo(config, handlers)
+    [examples] = built
+    assert os.environ["GRADIO_EXAMPLES_CACHE"] == str(tmp_path / "examples")
+    client_utils.synchronize_async(examples.cache, 0)  # what the first click of example 0 does
+    cached = tmp_path / "examples" / "offline-shapes" / str(examples.dataset._id)
+    assert (cached / "log.csv").is_file() and (cached / "indices.csv").read_text() == "0\n"
+    assert sorted(path.name for path in (tmp_path / "examples").iterdir()) == ["offline-shapes"]
 
 
 def test_binds_localhost_unless_asked(app, monkeypatch):
@@ -198,7 +226,9 @@ def test_binds_localhost_unless_asked(app, monkeypatch):
     assert (config.port, config.models.sam, config.models.offline) == (8123, "vit_l", True)
 
 
-def test_gpu_decorator_is_spaces_gpu_when_present(events, monkeypatch):
+def test_gpu_decorator_is_spaces_gpu_when_present(monkeypatch):
+    from ui import zero_gpu
+
     calls = []
 
     class FakeSpaces:
@@ -210,20 +240,35 @@ def test_gpu_decorator_is_spaces_gpu_when_present(events, monkeypatch):
     def task():
         return None
 
-    assert events.gpu(task) is task  # no `spaces` package here: unchanged
-    monkeypatch.setattr(events, "spaces", FakeSpaces)
-    assert events.gpu(task) == ("on zero gpu", task) and calls == [events.GPU_DURATION_S]
+    assert zero_gpu.gpu(task) is task  # no `spaces` package here: unchanged
+    monkeypatch.setattr(zero_gpu, "spaces", FakeSpaces)
+    assert zero_gpu.gpu(task) == ("on zero gpu", task) and calls == [zero_gpu.GPU_DURATION_S]
 
 
-def test_background_decoding_only_off_zero_gpu(events, monkeypatch):
-    zero_gpu = {"SPACE_ID": "user/app", "SPACES_ZERO_GPU": "true"}
-    assert events.background_boxes(zero_gpu) == events.BACKGROUND_BOXES > 0  # no `spaces`
-    monkeypatch.setattr(events, "spaces", object())  # the `spaces` package is importable
-    assert events.background_boxes({}) == events.BACKGROUND_BOXES
-    assert events.background_boxes({"SPACE_ID": "user/app"}) == events.BACKGROUND_BOXES
-    assert events.background_boxes(zero_gpu) == 0
+def test_background_decoding_only_off_zero_gpu(handlers, monkeypatch):
+    from types import SimpleNamespace
+
+    from ui import zero_gpu
+    from ui.handlers import BACKGROUND_BOXES, ZERO_GPU_PREFETCH_BOXES, GroundedSamApp
+
+    space = {"SPACE_ID": "user/app", "SPACES_ZERO_GPU": "true"}
+    assert not zero_gpu.on_zero_gpu(space)  # no `spaces` package
+    # The `spaces` package is importable (its GPU decorator a no-op here).
+    monkeypatch.setattr(zero_gpu, "spaces", SimpleNamespace(GPU=lambda duration: lambda fn: fn))
+    assert not zero_gpu.on_zero_gpu({}) and not zero_gpu.on_zero_gpu({"SPACE_ID": "user/app"})
+    assert zero_gpu.on_zero_gpu(space)
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert GroundedSamApp(offline_choice()).zero_gpu  # what the app detects by default
     monkeypatch.undo()
-    assert events.MODELS.get().background_boxes == events.BACKGROUND_BOXES
+    assert not handlers.zero_gpu and handlers.pipeline().background_boxes == BACKGROUND_BOXES > 0
+
+    def load(choice):  # a pipeline's defaults
+        return SimpleNamespace(background_boxes=0, prefetch_boxes=8)
+
+    for on_zero_gpu, (background, ahead) in [(False, (BACKGROUND_BOXES, 8)),
+                                             (True, (0, ZERO_GPU_PREFETCH_BOXES))]:
+        pipeline = GroundedSamApp(offline_choice(), loader=load, zero_gpu=on_zero_gpu).pipeline()
+        assert (pipeline.background_boxes, pipeline.prefetch_boxes) == (background, ahead)
 
 
 def test_import_opens_no_connection_and_loads_no_model():
@@ -232,14 +277,17 @@ def test_import_opens_no_connection_and_loads_no_model():
             "    raise AssertionError('network used at import')\n"
             "socket.socket.connect = socket.create_connection = refuse\n"
             "import app\n"
-            "assert not app.events.MODELS.loaded\n")
+            "config = app.parse_args([])\n"  # the real models, which would need downloads
+            "handlers = app.GroundedSamApp(config.models)\n"
+            "app.build_demo(config, handlers)\n"
+            "assert not handlers.loaded\n")
     env = {key: value for key, value in os.environ.items() if key != "SPACE_ID"}
     finished = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
 
 
-def test_slider_moves_reuse_mask_rles_and_the_coco_json_stays_exact(events, upload,
+def test_slider_moves_reuse_mask_rles_and_the_coco_json_stays_exact(handlers, upload,
                                                                     monkeypatch):
     import json
 
@@ -249,13 +297,13 @@ def test_slider_moves_reuse_mask_rles_and_the_coco_json_stays_exact(events, uplo
     encoded = []
     real_encode = report.rle_encode
     monkeypatch.setattr(report, "rle_encode", lambda mask: encoded.append(1) or real_encode(mask))
-    *first, session = events.ui_segment(upload, PROMPT, 0.0, 0.25, None, no_progress)
+    *first, session = handlers.ui_segment(upload, PROMPT, 0.0, 0.25, None, no_progress)
     assert len(encoded) == len(first[2]) > 0
     encoded.clear()
-    *second, _ = events.ui_rethreshold(upload, PROMPT, 0.3, 0.25, session, no_progress)
+    *second, _ = handlers.ui_rethreshold(upload, PROMPT, 0.3, 0.25, session, no_progress)
     assert encoded == [], "masks shown before were encoded again"
     coco = json.loads(Path(second[3][0]).read_text())
-    result = events.run_pipeline(session["image"], PROMPT, 0.3, 0.25)
+    result = handlers.run_pipeline(session["image"], PROMPT, 0.3, 0.25)
     assert len(coco["annotations"]) == len(result) > 0
     for annotation, mask in zip(coco["annotations"], result.masks, strict=True):
         np.testing.assert_array_equal(rle_decode(annotation["segmentation"]), mask)
@@ -312,22 +360,22 @@ def test_export_folders_of_dead_processes_are_removed_at_start(tmp_path):
         child.kill()
 
 
-def test_ui_exports_are_written_where_gradio_serves_them_without_copying(events, upload):
-    picture, _, _, downloads, _, _ = events.ui_segment(upload, PROMPT, 0.5, 0.25, None,
-                                                       no_progress)
+def test_ui_exports_are_written_where_gradio_serves_them_without_copying(handlers, upload):
+    picture, _, _, downloads, _, _ = handlers.ui_segment(upload, PROMPT, 0.5, 0.25, None,
+                                                         no_progress)
     cache = Path(gr.utils.get_upload_folder()).resolve()
     for path in (picture, *downloads):
         assert cache in Path(path).resolve().parents
 
 
-def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(events, tmp_path,
+def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(handlers, tmp_path,
                                                                       monkeypatch):
     """ZeroGPU runs @spaces.GPU functions in a forked worker process; simulated with a fork."""
     import multiprocessing
 
     import torch
 
-    task = events.segment_on_device  # undecorated: no `spaces` package here
+    task = handlers.segment_on_device  # undecorated: no `spaces` package here
     gpu_calls = []
 
     def in_forked_worker(*args):
@@ -348,13 +396,12 @@ def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(events, t
         process.join(timeout=60)
         return answer
 
-    pipeline = events.MODELS.get()
+    pipeline = handlers.pipeline()
     pipeline.wait_idle()  # no background thread may hold a lock across the fork
     monkeypatch.setattr(pipeline, "background_boxes", 0)
     monkeypatch.setattr(pipeline, "prefetch_boxes", 4)  # fewer than the model's 50 queries
-    monkeypatch.setattr(events, "spaces", object())
-    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    monkeypatch.setattr(events, "segment_on_device", in_forked_worker)
+    monkeypatch.setattr(handlers, "zero_gpu", True)
+    monkeypatch.setattr(handlers, "segment_on_device", in_forked_worker)
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where uploads are read from
     from grounding.shapes_data import generate_image
     from segmentation.pipeline import PREFETCH_MARGIN
@@ -363,7 +410,7 @@ def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(events, t
     Image.fromarray(generate_image(np.random.default_rng([7, 3])).image).save(path)
     upload = {"path": str(path), "orig_name": "fresh.png"}
 
-    *first, session = events.ui_segment(upload, PROMPT, 0.3, 0.25, None, no_progress)
+    *first, session = handlers.ui_segment(upload, PROMPT, 0.3, 0.25, None, no_progress)
     found = len(first[2])
     assert gpu_calls == [0.3] and found > 0
     raw = pipeline.detector.infer(session["image"], PROMPT)  # the expected boxes, uncached
@@ -371,23 +418,28 @@ def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(events, t
     ahead = pipeline.detector.select(raw, 0.3 - PREFETCH_MARGIN, 0.25).scores[found:found + 4]
     just_below = float(ahead[-1]) - 1e-4 if len(ahead) else 0.25
     for threshold in (0.5, just_below, 0.3):  # seen, or decoded ahead
-        *outputs, session = events.ui_rethreshold(upload, PROMPT, threshold, 0.25, session,
-                                                  no_progress)
+        *outputs, session = handlers.ui_rethreshold(upload, PROMPT, threshold, 0.25, session,
+                                                    no_progress)
         expected = pipeline.detector.select(raw, threshold, 0.25)
         np.testing.assert_allclose(outputs[2][["x0", "y0", "x1", "y1"]].to_numpy(),
-                                   np.rint(expected.boxes[:events.MAX_DETECTIONS]))
+                                   np.rint(expected.boxes[:handlers.max_detections]))
     assert gpu_calls == [0.3], "a cached slider move went to the GPU"
-    events.ui_rethreshold(upload, PROMPT, 0.0, 0.25, session, no_progress)  # masks not decoded
+    handlers.ui_rethreshold(upload, PROMPT, 0.0, 0.25, session, no_progress)  # masks not decoded
     assert gpu_calls == [0.3, 0.0]
 
 
 @pytest.mark.parametrize("value", [True, False, "0.5", None, float("nan"), float("inf"), -0.01,
                                    1.01, [0.5]])
-def test_thresholds_that_are_not_real_numbers_in_the_unit_interval_are_refused(events, value):
-    with pytest.raises(gr.Error, match="between 0 and 1"):
-        events.check_threshold("box_threshold", value)
-    assert events.check_threshold("box_threshold", 0) == 0.0
-    assert events.check_threshold("box_threshold", 0.35) == 0.35
+def test_thresholds_that_are_not_real_numbers_in_the_unit_interval_are_refused(handlers, value):
+    from segmentation.inputs import InputError, check_threshold
+
+    with pytest.raises(InputError, match="between 0 and 1") as refused:
+        check_threshold("box_threshold", value)
+    assert refused.value.title == "Bad threshold"
+    assert check_threshold("box_threshold", 0) == 0.0
+    assert check_threshold("box_threshold", 0.35) == 0.35
+    with pytest.raises(gr.Error, match="between 0 and 1"):  # what the handlers make of it
+        handlers.run_pipeline(np.zeros((8, 8, 3), np.uint8), PROMPT, value, 0.25)
 
 
 def test_a_sessions_rle_cache_stays_bounded():
@@ -408,18 +460,28 @@ def test_a_sessions_rle_cache_stays_bounded():
         assert all(box.tobytes() in cache for box in boxes), "the shown masks stay cached"
 
 
-def test_model_store_configure_waits_for_a_load_in_progress():
+def test_concurrent_first_events_load_the_models_once():
     import threading
+    from types import SimpleNamespace
 
-    from segmentation.app_events import ModelStore
-    from segmentation.cli import ModelChoice
+    from ui.handlers import GroundedSamApp
 
-    store = ModelStore()
-    configured = threading.Event()
-    with store._lock:  # what `get` holds while it loads the weights
-        thread = threading.Thread(target=lambda: (
-            store.configure(ModelChoice("swint_ogc", "vit_b", "cpu", offline=True)),
-            configured.set()))
+    loads, release = [], threading.Event()
+
+    def slow_load(choice):
+        loads.append(choice)
+        release.wait(5)
+        return SimpleNamespace()
+
+    handlers = GroundedSamApp(offline_choice(), loader=slow_load)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(handlers.pipeline())) for _ in range(3)]
+    for thread in threads:
         thread.start()
-        assert not configured.wait(0.2), "configure swapped the models under a running load"
-    assert configured.wait(5) and store.choice.offline
+    time.sleep(0.2)
+    assert not handlers.loaded and len(loads) == 1, "a second load started during the first"
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(loads) == 1 and len(got) == 3 and all(p is got[0] for p in got)
+    assert handlers.loaded

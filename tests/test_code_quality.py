@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FORMATTED = ["grounding", "segmentation", "app.py"]
+FORMATTED = ["grounding", "segmentation", "ui", "app.py"]
 # Code shipped to users: what it imports must be in requirements.txt.
-RUNTIME_SOURCES = ["grounding", "segmentation", "app.py"]
+RUNTIME_SOURCES = ["grounding", "segmentation", "ui", "app.py"]
 # Tests and tools: what they import may be in either requirements file.
 TEST_SOURCES = ["tests", "scripts"]
-LOCAL_PACKAGES = {"grounding", "segmentation", "tests", "app", "scripts"}
+LOCAL_PACKAGES = {"grounding", "segmentation", "ui", "tests", "app", "scripts"}
 # Imported in a try/except, present only where the platform provides it (Hugging Face Spaces).
 OPTIONAL_MODULES = {"spaces"}
 
@@ -129,3 +129,17 @@ def test_the_import_survey_sees_the_known_imports():
     runtime = imported_modules(RUNTIME_SOURCES)
     assert {"torch", "transformers", "gradio", "pandas", "spaces"} <= set(runtime)
     assert "playwright" in imported_modules(TEST_SOURCES)
+
+
+def test_the_libraries_never_import_the_app_layer():
+    # Gradio code (and ZeroGPU's `spaces`) lives with app.py, in ui/; the libraries stay usable
+    # without a web framework.
+    for library in ("grounding", "segmentation"):
+        imported = imported_modules([library])
+        assert not {"gradio", "gradio_client", "spaces"} & set(imported), library
+        local = [
+            str(path.relative_to(ROOT))
+            for path in _python_files(library)
+            if re.search(r"^\s*(from|import)\s+(ui|app)\b", path.read_text(), re.MULTILINE)
+        ]
+        assert not local, f"{library} imports the app: {local}"

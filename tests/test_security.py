@@ -145,9 +145,9 @@ def test_thin_images_get_a_message_that_states_the_limit(served, tmp_path):
 
 
 def test_thin_arrays_are_refused_by_the_pipeline_too(served):
-    events, _ = served
+    handlers, _ = served
     with pytest.raises(ValueError, match="too thin"):
-        events.MODELS.get().run(np.zeros((1, 500, 3), np.uint8), PROMPT)
+        handlers.pipeline().run(np.zeros((1, 500, 3), np.uint8), PROMPT)
 
 
 @pytest.mark.parametrize("threshold", [True, "0.3", None, -0.1, 1.5, [0.3]])

@@ -245,8 +245,11 @@ def build_demo(config: AppConfig, handlers: GroundedSamApp | None = None) -> gr.
 
 def examples_cache_folder(choice: ModelChoice) -> Path:
     """Where the examples' results are cached for a model choice: its own folder in Gradio's
-    examples cache, so that results of random offline weights never show for real models."""
+    examples cache, so that results of the offline shapes models never show for real models,
+    nor fp32 results in int8 mode (`--compile` gives the same outputs: no folder of its own)."""
     tag = "offline-shapes" if choice.offline else f"{Path(choice.detector).name}-{choice.sam}"
+    if choice.quantize == "int8":
+        tag += "-int8"
     return gr.utils.get_cache_folder() / tag
 
 

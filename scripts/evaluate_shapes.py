@@ -25,6 +25,12 @@ Metrics (`segmentation.shapes_metrics` holds the matching):
 5. Robustness: for "a dog ." and "a car . a person ." (never in training), the boxes per image
    above the box threshold and their best score.
 
+Speed: the seconds per image of the pipeline (detector + SAM, as the app runs them) are printed
+and recorded: the first image apart (it includes `--compile`'s compilation), then the mean and
+median of the others. `--quantize int8` and `--compile` apply `segmentation.fast_modes` to both
+models (the same as the CLI's flags), so fp32 and the faster modes can be compared on the same
+images.
+
 Resize: the detector runs at the short side / longest side its checkpoint records (the
 processor config `grounding.save_detector` writes; 224 / 320 for the shapes model, as the app runs
 it), unless `--size` / `--max-size` say otherwise.
@@ -60,6 +66,7 @@ from grounding.evaluate import (  # noqa: E402
 )
 from grounding.predictor import Detector  # noqa: E402
 from grounding.shapes_data import CATEGORIES, TEST_SEED_OFFSET, generate_split  # noqa: E402
+from segmentation.fast_modes import QUANTIZE_MODES, apply_fast_modes  # noqa: E402
 from segmentation.pipeline import GroundedSAM  # noqa: E402
 from segmentation.sam import BoxSegmenter  # noqa: E402
 from segmentation.sam_data import annotation_mask  # noqa: E402
@@ -140,9 +147,10 @@ def detection_ap(detector: Detector, folder: str | Path, *, size: int, max_size:
 def pipeline_metrics(detector: Detector, sam, folder: str | Path, *,
                      max_images: int | None = None, box_threshold: float = BOX_THRESHOLD,
                      text_threshold: float = TEXT_THRESHOLD, progress: bool = False,
-                     ) -> tuple[dict, dict]:
+                     timings: list[tuple[float, float]] | None = None) -> tuple[dict, dict]:
     """The pipeline's matching summary (`MatchTally.summary`) with the 12-name prompt, and SAM's
-    mask IoU from the ground-truth boxes ({"mean_mask_iou", "masks"})."""
+    mask IoU from the ground-truth boxes ({"mean_mask_iou", "masks"}). Appends (wall seconds,
+    CPU seconds of this process) of each image's pipeline run to `timings`, when given."""
     folder = Path(folder)
     coco, images, per_image = _split_images(folder, max_images)
     names = {category["id"]: category["name"] for category in coco["categories"]}
@@ -154,7 +162,10 @@ def pipeline_metrics(detector: Detector, sam, folder: str | Path, *,
         image = np.asarray(load_image(folder / "images" / entry["file_name"],
                                       (entry["width"], entry["height"])))
         truth_boxes, truth_names, truth_masks = _ground_truth(entry, per_image[entry["id"]], names)
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = pipeline.run(image, prompt, box_threshold, text_threshold)
+        if timings is not None:
+            timings.append((time.perf_counter() - started, time.process_time() - cpu_started))
         match = match_detections(result.boxes, result.scores, result.phrases, truth_boxes,
                                  truth_names)
         detections = [detection for detection, _ in match.pairs]
@@ -199,6 +210,19 @@ def robustness(detector: Detector, folder: str | Path, prompts: Sequence[str], *
             for prompt in prompts}
 
 
+def timing_summary(timings: Sequence[tuple[float, float]]) -> dict:
+    """{"images", "first_image" (with any compilation), "mean_after_first",
+    "median_after_first", "cpu_mean_after_first"}, in seconds (None where there are too few
+    images). CPU seconds (this process's) vary less than wall seconds when other jobs share the
+    machine."""
+    wall = [seconds for seconds, _ in timings]
+    cpu = [seconds for _, seconds in timings[1:]]
+    return {"images": len(timings), "first_image": wall[0] if wall else None,
+            "mean_after_first": float(np.mean(wall[1:])) if cpu else None,
+            "median_after_first": float(np.median(wall[1:])) if cpu else None,
+            "cpu_mean_after_first": float(np.mean(cpu)) if cpu else None}
+
+
 def evaluate(detector: Detector, sam, folder: str | Path, *, size: int, max_size: int,
              max_images: int | None = None, progress: bool = False) -> dict:
     """Every metric of the module docstring on the split in `folder`.
@@ -206,7 +230,8 @@ def evaluate(detector: Detector, sam, folder: str | Path, *, size: int, max_size
     Returns:
         {"detection": `detection_ap`, "pipeline": `pipeline_metrics`' summary,
         "sam_on_truth_boxes": its SAM-alone IoU, "robustness": `robustness`, "prompt",
-        "resize": [size, max_size], "thresholds": {"box", "text"}}.
+        "resize": [size, max_size], "thresholds": {"box", "text"}, "seconds_per_image":
+        `timing_summary` of the pipeline runs}.
     """
     resized = copy.copy(detector)  # the same model, resizing to (size, max_size)
     resized.image_size, resized.max_size = size, max_size
@@ -214,8 +239,10 @@ def evaluate(detector: Detector, sam, folder: str | Path, *, size: int, max_size
               "thresholds": {"box": BOX_THRESHOLD, "text": TEXT_THRESHOLD}}
     report["detection"] = detection_ap(detector, folder, size=size, max_size=max_size,
                                        max_images=max_images, progress=progress)
+    timings: list[tuple[float, float]] = []
     report["pipeline"], report["sam_on_truth_boxes"] = pipeline_metrics(
-        resized, sam, folder, max_images=max_images, progress=progress)
+        resized, sam, folder, max_images=max_images, progress=progress, timings=timings)
+    report["seconds_per_image"] = timing_summary(timings)
     report["robustness"] = robustness(resized, folder, ROBUSTNESS_PROMPTS,
                                       max_images=max_images, progress=progress)
     return report
@@ -253,6 +280,15 @@ def target_rows(report: dict) -> list[dict]:
         rows.append(row(f'boxes per image, "{prompt}"', result["boxes_per_image"],
                         maximum=MAX_UNSEEN_BOXES_PER_IMAGE))
         rows.append(row(f'best box score, "{prompt}"', result["max_score"]))
+    timing = report.get("seconds_per_image")
+    if timing is not None:
+        rows.append(row("seconds per image, pipeline: first image", timing["first_image"]))
+        rows.append(row("seconds per image, pipeline: mean of the others",
+                        timing["mean_after_first"]))
+        rows.append(row("seconds per image, pipeline: median of the others",
+                        timing["median_after_first"]))
+        rows.append(row("CPU seconds per image, pipeline: mean of the others",
+                        timing["cpu_mean_after_first"]))
     return rows
 
 
@@ -290,6 +326,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="detector longest side (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                        help="int8: dynamic int8 Linear layers in both models (CPU only; "
+                             "segmentation.fast_modes)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile SAM's image encoder (segmentation.fast_modes)")
     parser.add_argument("--out", type=Path, default=None, help="write the report JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -321,6 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as error:
         print(f"error: could not load the models: {error}", file=sys.stderr)
         return 1
+    try:
+        fast_modes = apply_fast_modes(detector, sam, quantize=args.quantize,
+                                      compile=args.compile, device=device)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     size, max_size = detector.image_size, detector.max_size
     resize_source = "checkpoint"
     if args.size is not None or args.max_size is not None:
@@ -339,11 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "split_seed": None if args.data else args.seed + TEST_SEED_OFFSET,
         "images": report["pipeline"]["images"], "resize_source": resize_source,
         "device": str(device), "seconds": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(), "fast_modes": fast_modes,
         "targets": rows,
         "all_targets_met": all(row["passed"] for row in rows if row["passed"] is not None)})
     source = args.data or f"generated, split seed {report['split_seed']}"
     print(f"{report['images']} images ({source}); detector resize {size} / {max_size} "
-          f"({resize_source}); thresholds box {BOX_THRESHOLD}, text {TEXT_THRESHOLD}\n")
+          f"({resize_source}); thresholds box {BOX_THRESHOLD}, text {TEXT_THRESHOLD}; "
+          f"quantize {fast_modes['quantize']}, compiled {fast_modes['compiled']}, "
+          f"{torch.get_num_threads()} threads\n")
     print(markdown_table(rows))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

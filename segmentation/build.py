@@ -9,6 +9,7 @@ import torch
 
 from grounding import load_detector
 from grounding.config import PRESETS
+from segmentation.fast_modes import apply_fast_modes, check_quantize
 from segmentation.offline import shapes_detector, shapes_sam
 from segmentation.pipeline import DEFAULT_CACHE_BYTES, GroundedSAM
 from segmentation.sam import BoxSegmenter, build_sam
@@ -25,6 +26,8 @@ def load_pipeline(
     detector_config: str = "swint_ogc",
     text_encoder: str | os.PathLike | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    quantize: str | None = None,
+    compile: bool = False,
 ) -> GroundedSAM:
     """Grounding DINO + SAM, weights loaded, on `device`.
 
@@ -42,14 +45,30 @@ def load_pipeline(
         detector_config: the architecture of a `.pth` passed as `detector`.
         text_encoder: BERT's tokenizer directory or Hub id (see `grounding.load_detector`).
         cache_bytes: the pipeline's cache budget.
+        quantize: None or "none"; "int8": int8 Linear layers in both models (CPU only;
+            `segmentation.fast_modes`). Applies to offline mode too.
+        compile: `torch.compile` SAM's image encoder (eager, after one warning, without a
+            compiler). Applies to offline mode too.
 
     Raises:
+        ValueError: an unknown detector or quantize mode, or int8 on a device other than the
+            CPU (before anything loads).
         grounding.hub.OfflineError: a weight file is missing and cannot be downloaded (the
             message names the file and how to supply it).
     """
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_quantize(quantize, resolved)
     if offline:
+        grounding_detector, segment_anything = shapes_detector(resolved), shapes_sam(resolved)
+        apply_fast_modes(
+            grounding_detector,
+            segment_anything,
+            quantize=quantize,
+            compile=compile,
+            device=resolved,
+        )
         return GroundedSAM(
-            shapes_detector(device), BoxSegmenter(shapes_sam(device)), cache_bytes=cache_bytes
+            grounding_detector, BoxSegmenter(segment_anything), cache_bytes=cache_bytes
         )
     if not (detector in PRESETS or Path(detector).exists()):
         raise ValueError(
@@ -67,4 +86,7 @@ def load_pipeline(
             detector, config=detector_config, text_encoder=text_encoder, device=device
         )
     segment_anything = build_sam(sam, sam_path, device=device)
+    apply_fast_modes(
+        grounding_detector, segment_anything, quantize=quantize, compile=compile, device=resolved
+    )
     return GroundedSAM(grounding_detector, BoxSegmenter(segment_anything), cache_bytes=cache_bytes)

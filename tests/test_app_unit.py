@@ -194,6 +194,8 @@ def test_examples_are_cached_per_model_choice(app, monkeypatch):
     assert app.examples_cache_folder(ModelChoice("swint_ogc", "vit_h", "cuda", offline=False)) \
         == Path("/cache/swint_ogc-vit_h")
     assert app.examples_cache_folder(offline_choice()) == Path("/cache/offline-shapes")
+    int8 = ModelChoice("swint_ogc", "vit_b", "cpu", offline=False, quantize="int8", compile=True)
+    assert app.examples_cache_folder(int8) == Path("/cache/swint_ogc-vit_b-int8")
     assert os.environ["GRADIO_EXAMPLES_CACHE"] == "/cache"
 
 

@@ -36,8 +36,8 @@ from typing import Any
 
 import gradio as gr
 
-from segmentation.cli import ModelChoice, add_model_arguments, model_choice
 from segmentation.inputs import MAX_PROMPT_CHARS
+from segmentation.models import ModelChoice, add_model_arguments, model_choice
 from segmentation.offline import EXAMPLE_PROMPT, known_names_text
 from segmentation.report import TABLE_HEADERS
 from ui.handlers import BOX_THRESHOLD, TEXT_THRESHOLD, GroundedSamApp

@@ -45,8 +45,10 @@ def load_detector(
     """
     from transformers import BertTokenizer
 
-    if checkpoint is not None and _is_hub_id(checkpoint):
+    if checkpoint is not None and hub.is_hub_id(checkpoint):
         checkpoint = hub.transformers_checkpoint_dir(str(checkpoint))
+    elif checkpoint is not None and not Path(checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     if checkpoint is not None and Path(checkpoint).is_dir() and is_native(checkpoint):
         directory = Path(checkpoint)
         tokenizer_dir = hub.text_encoder_dir(text_encoder or directory)
@@ -59,10 +61,11 @@ def load_detector(
         model = build_model(model_config)
         load_transformers(model, directory)
     else:
-        model_config = (
-            PRESETS[config]() if isinstance(config, str) and config in PRESETS else config
-        )
-        if not isinstance(model_config, GroundingDINOConfig):
+        if isinstance(config, GroundingDINOConfig):
+            model_config = config
+        elif isinstance(config, str) and config in PRESETS:
+            model_config = PRESETS[config]()
+        else:
             raise ValueError(
                 f"unknown config {config!r}; choose one of {sorted(PRESETS)} "
                 "or pass a GroundingDINOConfig"
@@ -136,17 +139,6 @@ def save_detector(
     if model.config.contrastive_bias:
         return native_format.save_native(model, directory, tokenizer, dtype=dtype, **size)
     return transformers_format.save_pretrained(model, directory, tokenizer, dtype=dtype, **size)
-
-
-def _is_hub_id(checkpoint: str | os.PathLike) -> bool:
-    """ "owner/name" that is not a local path and not a `.pth` file name."""
-    text = str(checkpoint)
-    return (
-        not Path(text).exists()
-        and text.count("/") == 1
-        and not text.endswith(".pth")
-        and not text.startswith((".", "/", "~"))
-    )
 
 
 def _with_text_architecture(config: GroundingDINOConfig, directory: Path) -> GroundingDINOConfig:

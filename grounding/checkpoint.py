@@ -142,27 +142,48 @@ def load_transformers(model: GroundingDINO, directory: str | Path) -> dict[str, 
     return {"checkpoint_keys": len(state_dict), "loaded_tensors": len(renamed)}
 
 
-def load_strict(model: GroundingDINO, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
-    """`load_state_dict(strict=True)` with errors that name the keys and shapes at fault."""
+def load_strict(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    source: str,
+    target: str | None = None,
+    error: type[Exception] = KeyMappingError,
+    hint: str = "",
+) -> None:
+    """`load_state_dict(strict=True)` with errors that name the keys and shapes at fault: the one
+    strict loader of the detector's formats and of SAM (`segmentation.sam`, `small_sam`).
+
+    Args:
+        source: the file the weights come from, for the message.
+        target: what they should fit, for the message; default "this model (its backbone)".
+        error: the exception type to raise (SAM raises ValueError).
+        hint: a sentence appended to the message.
+    """
+    if target is None:
+        backbone = getattr(getattr(model, "config", None), "backbone", None)
+        target = f"this model ({backbone})" if backbone is not None else "this model"
+    if not isinstance(state_dict, dict):
+        raise error(f"{source}: expected a state dict, got {type(state_dict).__name__}")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong_shape = [
         f"{key}: checkpoint {tuple(state_dict[key].shape)}, model {tuple(expected[key].shape)}"
         for key in expected.keys() & state_dict.keys()
-        if state_dict[key].shape != expected[key].shape
+        if tuple(state_dict[key].shape) != tuple(expected[key].shape)
     ]
     problems = []
     if missing:
-        problems.append(f"missing from the checkpoint: {_shorten(missing)}")
+        problems.append(f"{len(missing)} missing keys, not in the checkpoint: {_shorten(missing)}")
     if unexpected:
-        problems.append(f"unknown to the model: {_shorten(unexpected)}")
+        problems.append(
+            f"{len(unexpected)} unexpected keys, unknown to the model: {_shorten(unexpected)}"
+        )
     if wrong_shape:
         problems.append(f"shape mismatch: {_shorten(sorted(wrong_shape))}")
     if problems:
-        raise KeyMappingError(
-            f"{source} does not fit this model ({model.config.backbone}): " + "; ".join(problems)
-        )
+        raise error(f"{source} does not fit {target}: " + "; ".join(problems) + hint)
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -7,6 +7,7 @@ the checkpoint layout. Defaults reproduce Swin-T OGC.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +103,59 @@ def swinb_cogcoor() -> GroundingDINOConfig:
     )
 
 
-PRESETS = {"swint_ogc": swint_ogc, "swinb_cogcoor": swinb_cogcoor}
+OFFICIAL_REPO = "ShilongLiu/GroundingDINO"
+
+
+@dataclass(frozen=True)
+class DetectorPreset:
+    """One official Grounding DINO model: everything the loader, the Hub lookup, the CLI and the
+    app need to know about it (as segment_anything's `sam_model_registry` for SAM).
+
+    Attributes:
+        name: the preset's name ("swint_ogc"), `load_detector(config=...)`'s.
+        config: builds its architecture.
+        official_file: the `.pth` in `hub_repo`.
+        hub_repo: the Hugging Face Hub repository that holds `official_file`.
+        display_name: for banners and logs ("SwinT-OGC").
+        aliases: other names the CLI and the app accept (`--detector swint`), lower case.
+    """
+
+    name: str
+    config: Callable[[], GroundingDINOConfig]
+    official_file: str
+    display_name: str
+    aliases: tuple[str, ...] = ()
+    hub_repo: str = OFFICIAL_REPO
+
+
+# The one table of detector presets; everything else derives from it.
+DETECTOR_PRESETS: dict[str, DetectorPreset] = {
+    preset.name: preset
+    for preset in (
+        DetectorPreset(
+            "swint_ogc", swint_ogc, "groundingdino_swint_ogc.pth", "SwinT-OGC", ("swint",)
+        ),
+        DetectorPreset(
+            "swinb_cogcoor",
+            swinb_cogcoor,
+            "groundingdino_swinb_cogcoor.pth",
+            "SwinB-COGCOOR",
+            ("swinb",),
+        ),
+    )
+}
+PRESETS: dict[str, Callable[[], GroundingDINOConfig]] = {
+    name: preset.config for name, preset in DETECTOR_PRESETS.items()
+}
+
+
+def detector_preset(name: str) -> DetectorPreset | None:
+    """The preset `name` names: its name or an alias, in any case ("SwinT"); else None."""
+    key = name.strip().lower()
+    for preset in DETECTOR_PRESETS.values():
+        if key == preset.name or key in preset.aliases:
+            return preset
+    return None
 
 
 def tiny_config(vocab_size: int) -> GroundingDINOConfig:

@@ -8,16 +8,17 @@ and how to supply it, instead of after huggingface_hub's minute of retries.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Literal, overload
 from urllib.parse import urlparse
 
-OFFICIAL_REPO = "ShilongLiu/GroundingDINO"
-OFFICIAL_FILES = {
-    "swint_ogc": "groundingdino_swint_ogc.pth",
-    "swinb_cogcoor": "groundingdino_swinb_cogcoor.pth",
-}
+from grounding.config import DETECTOR_PRESETS
+from grounding.config import OFFICIAL_REPO as OFFICIAL_REPO
+
+# Derived from the one table of presets, `grounding.config.DETECTOR_PRESETS`.
+OFFICIAL_FILES = {name: preset.official_file for name, preset in DETECTOR_PRESETS.items()}
 TEXT_ENCODER_REPO = "bert-base-uncased"
 TEXT_ENCODER_FILES = ("config.json", "vocab.txt", "tokenizer_config.json")
 CHECKPOINT_ENV = "GROUNDING_DINO_CHECKPOINT"
@@ -96,19 +97,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def official_checkpoint(preset: str) -> Path:
     """The official `.pth` for a preset: `$GROUNDING_DINO_CHECKPOINT`, else the Hub."""
-    if preset not in OFFICIAL_FILES:
+    if preset not in DETECTOR_PRESETS:
         raise ValueError(
             f"no official checkpoint for config {preset!r}; "
-            f"choose one of {sorted(OFFICIAL_FILES)} or pass checkpoint="
+            f"choose one of {sorted(DETECTOR_PRESETS)} or pass checkpoint="
         )
     if os.environ.get(CHECKPOINT_ENV):
         return Path(os.environ[CHECKPOINT_ENV])
-    filename = OFFICIAL_FILES[preset]
+    filename, repo = DETECTOR_PRESETS[preset].official_file, DETECTOR_PRESETS[preset].hub_repo
     return hub_file(
-        OFFICIAL_REPO,
+        repo,
         filename,
         how_to_supply=(
-            f"Download {filename} from https://huggingface.co/{OFFICIAL_REPO} on a connected "
+            f"Download {filename} from https://huggingface.co/{repo} on a connected "
             f"machine and pass its path as checkpoint= (the app and CLI: --detector PATH), or set "
             f"{CHECKPOINT_ENV}."
         ),
@@ -172,3 +173,36 @@ def text_encoder_dir(text_encoder: str | os.PathLike | None) -> Path:
     vocab = paths[1]
     assert vocab is not None  # vocab.txt is not optional: hub_file raised instead
     return vocab.parent
+
+
+# A Hub repository id: "owner/name", each part letters, digits, "_", "-" and ".".
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".json")
+
+
+def looks_like_path(text: str | os.PathLike) -> bool:
+    """Whether `text` can only mean a local file or folder: "./x", "~/x", "a/b/c", "x.pth"."""
+    text = str(text)
+    return (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith("/")
+        or text.lower().endswith(_WEIGHT_SUFFIXES)
+    )
+
+
+def is_hub_id(checkpoint: str | os.PathLike) -> bool:
+    """Whether `checkpoint` names a Hub repository ("IDEA-Research/grounding-dino-tiny") rather
+    than a local path. Not when the path exists, when it can only be a path (`looks_like_path`),
+    or when its first part is a local folder ("runs/last" with a "runs" folder here: a mistyped
+    path, reported as a missing file instead of a Hub lookup)."""
+    text = str(checkpoint)
+    return (
+        _HUB_ID.fullmatch(text) is not None
+        and not looks_like_path(text)
+        and ".." not in text
+        and "--" not in text
+        and not Path(text).exists()
+        and not Path(text.split("/")[0]).is_dir()
+    )

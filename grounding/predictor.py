@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from grounding.devices import default_device
 from grounding.model import GroundingDINO, GroundingOutput
 from grounding.postprocess import Detections, select_detections
 from grounding.text_masks import phrase_token_spans, sub_sentence_masks
@@ -71,7 +72,7 @@ class Detector:
         max_size: int = DEFAULT_MAX_SIZE,
     ) -> None:
         self.image_size, self.max_size = image_size, max_size
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or default_device())
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
         self.max_text_len = model.config.max_text_len

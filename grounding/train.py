@@ -62,6 +62,7 @@ from grounding.config import (
     tiny_config,
 )
 from grounding.dataset import MULTI_SCALE_SIZES, CocoGroundingDataset
+from grounding.devices import default_device
 from grounding.losses import SetCriterion
 from grounding.model import GroundingDINO, build_model
 from grounding.native_format import config_from_dict, config_to_dict
@@ -250,7 +251,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def choose_device(requested: str | None, bf16: bool) -> tuple[torch.device, bool]:
     """The device, and whether bfloat16 autocast is used (CUDA only; a warning otherwise)."""
-    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(requested or default_device())
     if bf16 and device.type != "cuda":
         logger.warning("--bf16 is for CUDA devices; training in float32 on %s", device)
         bf16 = False

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import app  # noqa: E402  (the repository's app.py)
 from grounding import Detector, build_model  # noqa: E402
 from grounding.config import PRESETS  # noqa: E402
-from segmentation.cli import ModelChoice  # noqa: E402
+from segmentation.models import ModelChoice  # noqa: E402
 from segmentation.pipeline import GroundedSAM  # noqa: E402
 from segmentation.sam import BoxSegmenter  # noqa: E402
 from ui.handlers import BACKGROUND_BOXES, MAX_DETECTIONS, GroundedSamApp  # noqa: E402

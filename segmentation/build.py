@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from grounding import load_detector
+from grounding import hub, load_detector
 from grounding.config import PRESETS
+from grounding.devices import default_device
 from segmentation.fast_modes import apply_fast_modes, check_quantize
 from segmentation.offline import shapes_detector, shapes_sam
 from segmentation.pipeline import DEFAULT_CACHE_BYTES, GroundedSAM
@@ -32,9 +33,10 @@ def load_pipeline(
     """Grounding DINO + SAM, weights loaded, on `device`.
 
     Args:
-        detector: "swint_ogc" or "swinb_cogcoor" (official weights from the Hub, or
-            `$GROUNDING_DINO_CHECKPOINT`), or the path of an official `.pth` or of a
-            transformers-format directory.
+        detector: a preset of `grounding.config.DETECTOR_PRESETS`, "swint_ogc" or
+            "swinb_cogcoor" (official weights from the Hub, or `$GROUNDING_DINO_CHECKPOINT`);
+            a Hub id of a transformers-format model ("IDEA-Research/grounding-dino-tiny"); or
+            the path of an official `.pth` or of a transformers-format directory.
         sam: "vit_b", "vit_l" or "vit_h".
         device: default CUDA when available, else CPU.
         offline: the small shapes models shipped in `assets/` instead (`segmentation.offline`:
@@ -51,12 +53,13 @@ def load_pipeline(
             compiler). Applies to offline mode too.
 
     Raises:
+        FileNotFoundError: `detector` is a path that does not exist.
         ValueError: an unknown detector or quantize mode, or int8 on a device other than the
             CPU (before anything loads).
         grounding.hub.OfflineError: a weight file is missing and cannot be downloaded (the
             message names the file and how to supply it).
     """
-    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resolved = torch.device(device or default_device())
     check_quantize(quantize, resolved)
     if offline:
         grounding_detector, segment_anything = shapes_detector(resolved), shapes_sam(resolved)
@@ -70,10 +73,12 @@ def load_pipeline(
         return GroundedSAM(
             grounding_detector, BoxSegmenter(segment_anything), cache_bytes=cache_bytes
         )
-    if not (detector in PRESETS or Path(detector).exists()):
+    if not (detector in PRESETS or Path(detector).exists() or hub.is_hub_id(detector)):
+        if hub.looks_like_path(detector) or "/" in str(detector):
+            raise FileNotFoundError(f"detector checkpoint {detector} does not exist")
         raise ValueError(
-            f"unknown detector {detector!r}: choose one of {sorted(PRESETS)} or give "
-            "the path of a checkpoint"
+            f"unknown detector {detector!r}: choose one of {sorted(PRESETS)}, a Hub id such as "
+            "IDEA-Research/grounding-dino-tiny, or give the path of a checkpoint"
         )
     # Resolved first, so a missing SAM file is reported before the detector spends time loading.
     sam_path = sam_checkpoint if sam_checkpoint is not None else official_sam_checkpoint(sam)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from grounding import Detector, load_detector
+from grounding.devices import default_device
 from grounding.shapes_data import CATEGORIES
 from segmentation.small_sam import load_small_sam
 
@@ -45,5 +46,5 @@ def shapes_detector(device: str | torch.device | None = None) -> Detector:
 
 def shapes_sam(device: str | torch.device | None = None):
     """The shapes-trained small SAM (segment_anything's `Sam`, fp32, eval mode)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or default_device())
     return load_small_sam(_shipped(SAM_WEIGHTS), device=device)

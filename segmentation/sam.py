@@ -26,6 +26,8 @@ from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import Sam
 from torch import Tensor
 
+from grounding.checkpoint import load_strict
+from grounding.devices import default_device
 from grounding.hub import OfflineError
 
 _URL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -179,9 +181,15 @@ def build_sam(
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint {path} does not exist")
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    _check_fits(sam, state_dict, f"{path} does not fit SAM {variant}")
-    sam.load_state_dict(state_dict, strict=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    load_strict(
+        sam,
+        state_dict,
+        source=str(path),
+        target=f"SAM {variant}",
+        error=ValueError,
+        hint=". Is it a checkpoint of another SAM variant?",
+    )
+    device = torch.device(device or default_device())
     return sam.to(device).eval()
 
 
@@ -306,30 +314,3 @@ def _checkpoint_info(variant: str) -> tuple[str, str, int]:
             f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_CHECKPOINTS)}"
         )
     return SAM_CHECKPOINTS[variant]
-
-
-def _check_fits(model: torch.nn.Module, state_dict: dict[str, Tensor], what: str) -> None:
-    """Raise a ValueError naming missing, unexpected and mis-shaped keys, if any."""
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{what}: expected a state dict, got {type(state_dict).__name__}")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(
-        key
-        for key in set(expected) & set(state_dict)
-        if tuple(expected[key].shape) != tuple(state_dict[key].shape)
-    )
-    if missing or unexpected or wrong:
-        details = [
-            f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})"
-            for kind, keys in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("keys with other shapes", wrong),
-            )
-            if keys
-        ]
-        raise ValueError(
-            f"{what}: {'; '.join(details)}. Is it a checkpoint of another SAM variant?"
-        )

@@ -38,6 +38,7 @@ import torch
 from segment_anything.modeling import Sam
 from torch.utils.data import DataLoader
 
+from grounding.devices import default_device
 from segmentation.sam_data import (
     MaskBatch,
     SamMaskDataset,
@@ -461,7 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             help=f"{help_text} (default %(default)s)",
         )
     parser.add_argument("--resume", action="store_true", help="continue OUT/last.pt")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(

@@ -41,7 +41,7 @@ from segment_anything.modeling import (
 )
 from torch import Tensor, nn
 
-from segmentation.sam import _check_fits
+from grounding.checkpoint import load_strict
 
 CONFIG_METADATA_KEY = "sam_config"
 
@@ -202,6 +202,5 @@ def load_small_sam(
         raise ValueError(f"{weights_path} records no SAM config: pass its sam_config.json")
     sam = build_small_sam(config)
     state_dict = {key: value.float() for key, value in state_dict.items()}
-    _check_fits(sam, state_dict, f"{weights_path} does not fit {config}")
-    sam.load_state_dict(state_dict, strict=True)
+    load_strict(sam, state_dict, source=str(weights_path), target=str(config), error=ValueError)
     return sam.to(device).eval()

@@ -46,7 +46,7 @@ def served(tmp_path_factory):
         patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp / "examples"))
         patch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         import app
-        from segmentation.cli import ModelChoice
+        from segmentation.models import ModelChoice
         from ui.handlers import GroundedSamApp
 
         config = app.AppConfig(models=ModelChoice("swint_ogc", "vit_b", "cpu", offline=True),

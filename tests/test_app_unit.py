@@ -24,7 +24,7 @@ def no_progress(*args, **kwargs) -> None:
 
 
 def offline_choice():
-    from segmentation.cli import ModelChoice
+    from segmentation.models import ModelChoice
 
     return ModelChoice("swint_ogc", "vit_b", "cpu", offline=True)
 
@@ -188,7 +188,7 @@ def test_download_names_are_safe():
 
 
 def test_examples_are_cached_per_model_choice(app, monkeypatch):
-    from segmentation.cli import ModelChoice
+    from segmentation.models import ModelChoice
 
     monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", "/cache")
     assert app.examples_cache_folder(ModelChoice("swint_ogc", "vit_h", "cuda", offline=False)) \

@@ -12,17 +12,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from segmentation.cli import (
+from segmentation.cli import main, merge_coco, output_stems
+from segmentation.export import rle_decode
+from segmentation.models import (
     ENV_DETECTOR,
     ENV_OFFLINE,
     ENV_SAM,
     add_model_arguments,
-    main,
-    merge_coco,
     model_choice,
-    output_stems,
 )
-from segmentation.export import rle_decode
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "red circle . green triangle ."  # both images hold one of each

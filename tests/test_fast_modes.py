@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from grounding.shapes_data import CATEGORIES, generate_image
-from segmentation import cli, fast_modes
-from segmentation.cli import ENV_COMPILE, ENV_QUANTIZE, add_model_arguments, main, model_choice
+from segmentation import fast_modes
+from segmentation import models as model_flags
+from segmentation.cli import main
 from segmentation.fast_modes import (
     INT8_PARTS,
     Int8Linear,
@@ -24,6 +25,7 @@ from segmentation.fast_modes import (
     compile_models,
     quantize_int8,
 )
+from segmentation.models import ENV_COMPILE, ENV_QUANTIZE, add_model_arguments, model_choice
 from segmentation.sam import BoxSegmenter
 from segmentation.shapes_metrics import box_iou, mask_iou
 
@@ -186,7 +188,7 @@ def choose(flags: list[str], environ: dict[str, str]):
 
 
 def test_fast_mode_flags_then_environment_then_defaults():
-    assert cli.QUANTIZE_MODES == fast_modes.QUANTIZE_MODES  # cli's copy avoids importing torch
+    assert model_flags.QUANTIZE_MODES is fast_modes.QUANTIZE_MODES  # one table
     default = choose(["--device", "cpu"], {})
     assert (default.quantize, default.compile) == ("none", False)
     flags = choose(["--device", "cpu", "--quantize", "int8", "--compile"], {})

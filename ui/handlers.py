@@ -29,9 +29,9 @@ import gradio as gr
 import numpy as np
 
 from segmentation import inputs, report
-from segmentation.cli import ModelChoice, load_models
 from segmentation.export_folders import ExportFolders
 from segmentation.inputs import InputError, has_words, text_for_message, upload_name, upload_path
+from segmentation.models import ModelChoice, load_models
 from segmentation.pipeline import CacheMiss, GroundedSAM
 from ui.zero_gpu import gpu, on_zero_gpu
 

@@ -14,6 +14,8 @@ try:
 except ImportError:  # not on a Space
     spaces = None
 
+from grounding import devices  # after `spaces`: it imports torch
+
 GPU_DURATION_S = 40
 
 
@@ -28,7 +30,6 @@ def gpu(fn: Callable) -> Callable:
 
 
 def on_zero_gpu(environ: Mapping[str, str] = os.environ) -> bool:
-    """A ZeroGPU Space: the `spaces` package is there and SPACES_ZERO_GPU is set (as the package
-    itself decides). `gpu` functions then run in a forked worker process that holds the GPU."""
-    flag = environ.get("SPACES_ZERO_GPU", "").lower()
-    return spaces is not None and flag in ("1", "t", "true")
+    """A ZeroGPU Space (`grounding.devices.on_zero_gpu`, the one test, also behind the CLI's
+    default device). `gpu` functions then run in a forked worker process that holds the GPU."""
+    return devices.on_zero_gpu(environ, has_spaces=spaces is not None)

@@ -1,0 +1,36 @@
+"""Where models run by default, and whether this is a Hugging Face ZeroGPU Space: one answer for
+the library, the CLI and the app."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+
+ZERO_GPU_ENV = "SPACES_ZERO_GPU"
+_ZERO_GPU_TRUE = ("1", "t", "true")  # as the `spaces` package reads the variable
+
+
+def spaces_installed() -> bool:
+    """Whether the `spaces` package (Hugging Face Spaces only) can be imported."""
+    return importlib.util.find_spec("spaces") is not None
+
+
+def on_zero_gpu(environ: Mapping[str, str] = os.environ, *, has_spaces: bool | None = None) -> bool:
+    """A ZeroGPU Space: the `spaces` package is installed and SPACES_ZERO_GPU is set (read as
+    the package itself reads it). CUDA is then usable inside `@spaces.GPU` calls only.
+
+    Args:
+        has_spaces: whether the `spaces` package is there; None: `spaces_installed()`.
+    """
+    flag = environ.get(ZERO_GPU_ENV, "").strip().lower()
+    if flag not in _ZERO_GPU_TRUE:
+        return False
+    return spaces_installed() if has_spaces is None else has_spaces
+
+
+def default_device(environ: Mapping[str, str] = os.environ) -> str:
+    """ "cuda" on a GPU machine or a ZeroGPU Space, else "cpu"."""
+    import torch
+
+    return "cuda" if on_zero_gpu(environ) or torch.cuda.is_available() else "cpu"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import threading
 from collections.abc import Iterator
@@ -118,6 +119,7 @@ class _Lookahead:
     raw: RawPrediction
     embedding: ImageEmbedding
     thresholds: tuple[float, float, float | None]  # box, text, NMS
+    order: int = 0  # when its run took the lock: a larger number is a newer request
     boxes: np.ndarray | None = None  # (K, 4), best first; chosen by the background thread
     done: int = 0  # boxes of `boxes` handled
 
@@ -157,7 +159,9 @@ class GroundedSAM:
         self._jobs = threading.Condition()  # guards the three fields below
         self._requests = 0  # runs and other holders (`hold`): the background gives way
         self._lookahead: _Lookahead | None = None
+        self._newest_lookahead = -1  # `order` of the newest job handed to the thread
         self._worker: threading.Thread | None = None
+        self._runs = itertools.count()  # numbers runs as they take the lock
 
     def run(
         self,
@@ -197,6 +201,7 @@ class GroundedSAM:
         check_shape(pixels.shape[1], pixels.shape[0])
         caption = normalize_caption(prompt)
         with self.hold(), self._lock:
+            order = next(self._runs)
             result, lookahead = self._run(
                 pixels,
                 caption,
@@ -207,6 +212,7 @@ class GroundedSAM:
                 models,
             )
         if self.background_boxes > 0 and lookahead is not None:
+            lookahead.order = order
             self._look_ahead(lookahead)
         return result
 
@@ -326,8 +332,12 @@ class GroundedSAM:
         return nearby.boxes[nearby.scores <= box_threshold][:limit]
 
     def _look_ahead(self, lookahead: _Lookahead) -> None:
-        """Make `lookahead` the background thread's job (replacing any older one)."""
+        """Make `lookahead` the background thread's job, replacing any older one; a job of an
+        older request than the newest seen (its run finished after a newer one's) is dropped."""
         with self._jobs:
+            if lookahead.order < self._newest_lookahead:
+                return
+            self._newest_lookahead = lookahead.order
             self._lookahead = lookahead
             if self._worker is None:
                 self._worker = threading.Thread(

@@ -372,6 +372,32 @@ def test_background_decodes_below_the_threshold_so_lowering_it_decodes_nothing(
     assert background.wait_idle(timeout=60)
 
 
+def test_an_older_requests_look_ahead_never_replaces_a_newer_ones(detector, image, monkeypatch):
+    """Two requests: the first finishes its run but hands its look-ahead over only after the
+    second has handed over its own; the background thread must keep the second's."""
+    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()), background_boxes=4)
+    real_look_ahead = GroundedSAM._look_ahead
+    first_waiting, newer_handed_over = threading.Event(), threading.Event()
+
+    def look_ahead(self, job):
+        if job.order == 0:
+            first_waiting.set()
+            assert newer_handed_over.wait(60)
+        real_look_ahead(self, job)
+        if job.order == 1:
+            newer_handed_over.set()
+
+    monkeypatch.setattr(GroundedSAM, "_look_ahead", look_ahead)
+    with pipeline.hold():  # the background thread waits, so its job can be inspected
+        first = threading.Thread(target=pipeline.run, args=(image, PROMPT, 0.5))
+        first.start()
+        assert first_waiting.wait(60)
+        pipeline.run(image[:, ::-1].copy(), PROMPT, 0.5)
+        first.join(60)
+        assert pipeline._lookahead is not None and pipeline._lookahead.order == 1
+    assert pipeline.wait_idle(timeout=60)
+
+
 def test_requests_go_before_the_background_and_replace_its_job(detector, monkeypatch):
     """The background decodes a couple of boxes per call and yields to a waiting request; the
     request's own boxes come next, and the older job is dropped for the request's."""

@@ -36,12 +36,18 @@ class RawPrediction:
     image_size: tuple[int, int]
 
 
+def has_words(text) -> bool:
+    """Whether `text` is a string that names something (holds a letter or a digit): the one test
+    of an empty prompt, for the library, the CLI and the app."""
+    return isinstance(text, str) and any(character.isalnum() for character in text)
+
+
 def normalize_caption(caption: str) -> str:
     """Lower case, stripped, ending in "." (as the reference); rejects prompts with no words."""
     if not isinstance(caption, str):
         raise ValueError(f"the prompt must be a string, got {type(caption).__name__}")
     caption = caption.lower().strip()
-    if not any(character.isalnum() for character in caption):
+    if not has_words(caption):
         raise ValueError(
             "the prompt is empty: name at least one thing to find, "
             "for example 'a cat . a remote control .'"

@@ -26,9 +26,8 @@ from grounding.key_mapping import Rule
 
 # Full transformers keys (`GroundingDinoForObjectDetection`) -> full keys of our detector, whose
 # text backbone lives at `text_backbone`. Used unprefixed.
+# (transformers' GroundingDino port, 4.40 and later, never persisted BERT's position_ids.)
 HF_RULES: list[Rule] = [
-    # A buffer that transformers < 4.31 persisted; the same constant arange as ours.
-    (r"model\.text_backbone\.embeddings\.position_ids", None),
     (r"model\.text_backbone\.(.*)", r"text_backbone.bert.\1"),
     (r"model\.text_projection\.(weight|bias)", r"text_backbone.projection.\1"),
 ]

@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segmentation.images import rgb_array
+from segmentation.masks import true_window
 from segmentation.pipeline import SegmentedDetections
 
 
@@ -187,11 +188,11 @@ def _cutout_window(mask: np.ndarray, box: np.ndarray) -> tuple[slice, slice] | N
     height, width = mask.shape
     x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
     x1, y1 = min(width, int(np.ceil(box[2]))), min(height, int(np.ceil(box[3])))
-    inside = mask[y0:y1, x0:x1]
-    rows, columns = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
-    if len(rows) == 0:
+    window = true_window(mask[y0:y1, x0:x1])
+    if window is None:
         return None
-    return (slice(y0 + rows[0], y0 + rows[-1] + 1), slice(x0 + columns[0], x0 + columns[-1] + 1))
+    rows, columns = window
+    return slice(y0 + rows.start, y0 + rows.stop), slice(x0 + columns.start, x0 + columns.stop)
 
 
 def to_zip(

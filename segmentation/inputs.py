@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from grounding.predictor import has_words
+
 MAX_PROMPT_CHARS = 2000
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # also the server's max_file_size (app.py)
 NOT_UPLOADED = (
@@ -50,11 +52,6 @@ def upload_name(value) -> str:
     name = value.get("orig_name") if isinstance(value, dict) else value
     name = Path(name).name if isinstance(name, str) and name else "image"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-80:].lstrip(".") or "image"
-
-
-def has_words(prompt) -> bool:
-    """Whether `prompt` is a string with something to find in it (a letter or a digit)."""
-    return isinstance(prompt, str) and any(character.isalnum() for character in prompt)
 
 
 def text_for_message(value, limit: int = 200) -> str:

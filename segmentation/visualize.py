@@ -11,14 +11,13 @@ drawing and the colours match `legend`'s hex codes.
 
 from __future__ import annotations
 
-from typing import cast
-
 import cv2
 import numpy as np
 import supervision as sv
 from PIL import Image
 
 from segmentation.images import rgb_array
+from segmentation.masks import true_window
 from segmentation.pipeline import SegmentedDetections
 
 PALETTE = sv.ColorPalette.DEFAULT
@@ -105,16 +104,14 @@ def _blend_masks(scene: np.ndarray, result: SegmentedDetections, opacity: float)
     masks = result.masks
     if not len(masks):
         return
-    # Arrays, not scalars, for an axis of a 3-D array (numpy types `any` as either).
-    rows = cast(np.ndarray, masks.any(axis=2))  # (N, H)
-    columns = cast(np.ndarray, masks.any(axis=1))  # (N, W)
-    windows: list[tuple[slice, slice] | None] = []
-    areas = np.zeros(len(masks), dtype=np.int64)
-    for index in range(len(masks)):
-        ys, xs = np.flatnonzero(rows[index]), np.flatnonzero(columns[index])
-        windows.append((slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)) if len(ys) else None)
-        if len(ys):
-            areas[index] = np.count_nonzero(masks[index][windows[index]])
+    windows = [true_window(mask) for mask in masks]
+    areas = np.array(
+        [
+            0 if window is None else np.count_nonzero(mask[window])
+            for mask, window in zip(masks, windows, strict=True)
+        ],
+        dtype=np.int64,
+    )
     # (H, W) 1 + index of the mask on top, 0 where none, written through window views.
     wide = len(masks) >= np.iinfo(np.uint16).max
     shown = np.zeros(scene.shape[:2], dtype=np.int32 if wide else np.uint16)

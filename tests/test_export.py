@@ -229,3 +229,14 @@ def test_zip_stops_with_a_message_past_its_size_bound(tmp_path, image):
     whole = (tmp_path / "whole.zip").stat().st_size
     with pytest.raises(ValueError, match="raise the box threshold"):
         write_zip(tmp_path / "bounded.zip", image, many, max_bytes=whole // 2)
+
+
+def test_true_window_is_the_smallest_window_of_the_true_pixels():
+    from segmentation.masks import true_window
+
+    mask = np.zeros((6, 8), bool)
+    assert true_window(mask) is None
+    mask[1, 2] = mask[4, 6] = True
+    rows, columns = true_window(mask)
+    assert (rows, columns) == (slice(1, 5), slice(2, 7))
+    assert mask[rows, columns].sum() == mask.sum()

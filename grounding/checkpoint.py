@@ -105,11 +105,17 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
 
 
-def load_official(model: GroundingDINO, path: str | os.PathLike) -> dict[str, int]:
-    """Load an official `.pth` into `model` strictly. Returns a small report of what was mapped."""
+def load_official(
+    model: GroundingDINO, path: str | os.PathLike, *, assign: bool = False
+) -> dict[str, int]:
+    """Load an official `.pth` into `model` strictly. Returns a small report of what was mapped.
+
+    `assign=True` makes the checkpoint's tensors the model's (`load_state_dict(assign=True)`), so a
+    model built on the meta device needs no memory of its own.
+    """
     state_dict = read_official_state_dict(path)
     renamed = rename_state_dict(state_dict, official_rules(model.config))
-    load_strict(model, renamed, source=str(path))
+    load_strict(model, renamed, source=str(path), assign=assign)
     return {"checkpoint_keys": len(state_dict), "loaded_tensors": len(renamed)}
 
 
@@ -150,6 +156,7 @@ def load_strict(
     target: str | None = None,
     error: type[Exception] = KeyMappingError,
     hint: str = "",
+    assign: bool = False,
 ) -> None:
     """`load_state_dict(strict=True)` with errors that name the keys and shapes at fault: the one
     strict loader of the detector's formats and of SAM (`segmentation.sam`, `small_sam`).
@@ -159,6 +166,7 @@ def load_strict(
         target: what they should fit, for the message; default "this model (its backbone)".
         error: the exception type to raise (SAM raises ValueError).
         hint: a sentence appended to the message.
+        assign: passed to `load_state_dict` (the state dict's tensors become the model's).
     """
     if target is None:
         backbone = getattr(getattr(model, "config", None), "backbone", None)
@@ -184,7 +192,7 @@ def load_strict(
         problems.append(f"shape mismatch: {_shorten(sorted(wrong_shape))}")
     if problems:
         raise error(f"{source} does not fit {target}: " + "; ".join(problems) + hint)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 def _shorten(items: list[str], limit: int = 8) -> str:

@@ -1,13 +1,11 @@
 """Shared fixtures and marker handling for the test suite."""
 
 import socket
-from pathlib import Path
 
 import pytest
 import torch
 
-DATA_DIR = Path(__file__).parent / "data"
-VOCAB_FILE = DATA_DIR / "bert-base-uncased-vocab.txt"
+from tests.key_lists import VOCAB_FILE
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,8 +47,11 @@ def served(tmp_path_factory):
         from segmentation.models import ModelChoice
         from ui.handlers import GroundedSamApp
 
-        config = app.AppConfig(models=ModelChoice("swint_ogc", "vit_b", "cpu", offline=True),
-                               host="127.0.0.1", port=free_port())
+        config = app.AppConfig(
+            models=ModelChoice("swint_ogc", "vit_b", "cpu", offline=True),
+            host="127.0.0.1",
+            port=free_port(),
+        )
         handlers = GroundedSamApp(config.models)
         demo = app.build_demo(config, handlers)
         _, url, _ = app.launch(demo, config, prevent_thread_lock=True, quiet=True)

@@ -6,19 +6,38 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import DATA_DIR, VOCAB_FILE
+from tests.key_lists import VOCAB_FILE, constant_state_dict, read_key_list
 
 
 def tiny_transformers_config(**overrides):
     from transformers import BertConfig, GroundingDinoConfig, SwinConfig
 
-    swin = SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=7,
-                      out_indices=[2, 3, 4])
-    bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, vocab_size=30522)
-    settings = dict(backbone_config=swin, text_config=bert, d_model=32, encoder_layers=2,
-                    decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                    encoder_attention_heads=4, decoder_attention_heads=4, num_queries=30)
+    swin = SwinConfig(
+        embed_dim=16,
+        depths=[1, 1, 2, 1],
+        num_heads=[1, 2, 2, 4],
+        window_size=7,
+        out_indices=[2, 3, 4],
+    )
+    bert = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=30522,
+    )
+    settings = dict(
+        backbone_config=swin,
+        text_config=bert,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        num_queries=30,
+    )
     settings.update(overrides)
     return GroundingDinoConfig(**settings)
 
@@ -48,31 +67,19 @@ def save_transformers_directory(model, directory: Path) -> Path:
     return directory
 
 
-def official_key_list(name: str) -> list[tuple[str, tuple[int, ...], str]]:
-    """(key, shape, dtype) of every entry of an official checkpoint, from tests/data."""
-    entries = []
-    for line in (DATA_DIR / name).read_text().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, shape, dtype, _ = line.split("\t")
-        dims = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
-        entries.append((key, dims, dtype))
-    return entries
-
-
-def pseudo_random_official_state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict in exactly the official layout, with the shared box head's aliases equal."""
-    generator = torch.Generator().manual_seed(seed)
-    state_dict: dict[str, torch.Tensor] = {}
-    for key, shape, dtype in official_key_list(name):
-        if dtype == "int64":
-            state_dict[key] = torch.randint(0, 10, shape, generator=generator)
-        else:
-            state_dict[key] = torch.randn(shape, generator=generator) * 0.02
+def constant_official_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """A state dict in exactly the official layout of key list `name`, one distinct constant per key
+    (see `key_lists.constant_state_dict`: nothing full-size is allocated or written), with the
+    shared box head's aliases equal."""
+    state_dict = constant_state_dict(read_key_list(name))
     # One box head shared by all decoder layers: all 12 names hold the same tensors.
     for key in list(state_dict):
         for prefix in ("bbox_embed.", "transformer.decoder.bbox_embed."):
             if key.startswith(prefix):
-                _, rest = key[len(prefix):].split(".", 1)
+                _, rest = key[len(prefix) :].split(".", 1)
                 state_dict[key] = state_dict["bbox_embed.0." + rest]
     return state_dict
+
+
+# A fake Hub revision for the tests that build a local Hub cache.
+COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -1,8 +1,6 @@
 """Cross-modality decoder: parity with transformers, padding invariance, official key layout."""
 
-import ast
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,10 +9,18 @@ from grounding.config import GroundingDINOConfig
 from grounding.decoder import HF_RULES, OFFICIAL_RULES, CrossModalityDecoder
 from grounding.heads import MLP
 from grounding.key_mapping import prefixed, rename_state_dict
+from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
-KEYS_FILE = Path(__file__).parent / "data" / "gdino_swint_ogc_keys.txt"
-TINY = GroundingDINOConfig(hidden_dim=32, decoder_layers=2, decoder_heads=4, decoder_ffn_dim=64,
-                           num_queries=6, num_feature_levels=3, decoder_points=2, max_text_len=8)
+TINY = GroundingDINOConfig(
+    hidden_dim=32,
+    decoder_layers=2,
+    decoder_heads=4,
+    decoder_ffn_dim=64,
+    num_queries=6,
+    num_feature_levels=3,
+    decoder_points=2,
+    max_text_len=8,
+)
 
 
 def _random_(module: nn.Module, seed: int, std: float = 0.2) -> nn.Module:
@@ -35,17 +41,37 @@ def _transformers_decoder():
         GroundingDinoModel,
     )
 
-    swin = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
-                      out_features=["stage2", "stage3", "stage4"])
-    bert = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=64)
+    swin = SwinConfig(
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    bert = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     config = GroundingDinoConfig(
-        backbone_config=swin, text_config=bert, d_model=32, encoder_layers=1,
-        decoder_layers=TINY.decoder_layers, encoder_attention_heads=4,
-        decoder_attention_heads=TINY.decoder_heads, encoder_ffn_dim=64,
-        decoder_ffn_dim=TINY.decoder_ffn_dim, num_queries=TINY.num_queries,
-        max_text_len=TINY.max_text_len, num_feature_levels=TINY.num_feature_levels,
-        encoder_n_points=2, decoder_n_points=TINY.decoder_points)
+        backbone_config=swin,
+        text_config=bert,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=TINY.decoder_layers,
+        encoder_attention_heads=4,
+        decoder_attention_heads=TINY.decoder_heads,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=TINY.decoder_ffn_dim,
+        num_queries=TINY.num_queries,
+        max_text_len=TINY.max_text_len,
+        num_feature_levels=TINY.num_feature_levels,
+        encoder_n_points=2,
+        decoder_n_points=TINY.decoder_points,
+    )
     torch.manual_seed(0)
     decoder = GroundingDinoModel(config).decoder
     box_head = GroundingDinoMLPPredictionHead(32, 32, 4, 3)
@@ -55,8 +81,7 @@ def _transformers_decoder():
 
 
 def _ours_from_transformers(hf_decoder, hf_box_head) -> tuple[CrossModalityDecoder, MLP]:
-    block = {k: v for k, v in hf_decoder.state_dict().items()
-             if not k.startswith("bbox_embed.")}
+    block = {k: v for k, v in hf_decoder.state_dict().items() if not k.startswith("bbox_embed.")}
     decoder = CrossModalityDecoder(TINY).eval()
     decoder.load_state_dict(rename_state_dict(block, HF_RULES), strict=True)
     box_head = MLP(32, 32, 4, 3).eval()
@@ -79,23 +104,31 @@ def test_decoder_matches_transformers():
     spatial_shapes = torch.tensor(shapes)
     with torch.no_grad():
         expected = hf_decoder(
-            inputs_embeds=target, vision_encoder_hidden_states=vision,
+            inputs_embeds=target,
+            vision_encoder_hidden_states=vision,
             vision_encoder_attention_mask=torch.ones(2, length, dtype=torch.bool),
-            text_encoder_hidden_states=text, text_encoder_attention_mask=~token_mask,
-            reference_points=reference_boxes, spatial_shapes=spatial_shapes,
+            text_encoder_hidden_states=text,
+            text_encoder_attention_mask=~token_mask,
+            reference_points=reference_boxes,
+            spatial_shapes=spatial_shapes,
             spatial_shapes_list=shapes,
-            level_start_index=torch.cat([torch.zeros(1, dtype=torch.long),
-                                         spatial_shapes.prod(1).cumsum(0)[:-1]]),
-            valid_ratios=valid_ratios, return_dict=True)
-        hidden, references = decoder(target, reference_boxes, vision, None, shapes, valid_ratios,
-                                     text, token_mask, box_head)
+            level_start_index=torch.cat(
+                [torch.zeros(1, dtype=torch.long), spatial_shapes.prod(1).cumsum(0)[:-1]]
+            ),
+            valid_ratios=valid_ratios,
+            return_dict=True,
+        )
+        hidden, references = decoder(
+            target, reference_boxes, vision, None, shapes, valid_ratios, text, token_mask, box_head
+        )
 
     assert hidden.shape == (2, 2, 6, 32) and references.shape == (3, 2, 6, 4)
-    torch.testing.assert_close(hidden, expected.intermediate_hidden_states.transpose(0, 1),
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(references[1:],
-                               expected.intermediate_reference_points.transpose(0, 1),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        hidden, expected.intermediate_hidden_states.transpose(0, 1), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        references[1:], expected.intermediate_reference_points.transpose(0, 1), atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(references[0], reference_boxes)
     # The boxes moved away from the inputs, and stayed where both inverse sigmoids agree.
     assert (references[1:] - references[:-1]).abs().max() > 1e-2
@@ -108,8 +141,8 @@ def _pad_levels(levels: list[torch.Tensor], padded_shapes, garbage: float):
     for level, (height, width) in zip(levels, padded_shapes, strict=True):
         canvas = torch.full((height, width, level.shape[-1]), garbage)
         mask = torch.ones(height, width, dtype=torch.bool)
-        canvas[:level.shape[0], :level.shape[1]] = level
-        mask[:level.shape[0], :level.shape[1]] = False
+        canvas[: level.shape[0], : level.shape[1]] = level
+        mask[: level.shape[0], : level.shape[1]] = False
         tokens.append(canvas.flatten(0, 1))
         masks.append(mask.flatten())
     return torch.cat(tokens), torch.cat(masks)
@@ -130,20 +163,44 @@ def test_decoder_padding_invariance():
 
     large_tokens, large_mask = _pad_levels(large, padded_shapes, garbage=50.0)
     small_tokens, small_mask = _pad_levels(small, padded_shapes, garbage=50.0)
-    small_ratios = torch.tensor([[w / pw, h / ph] for (h, w), (ph, pw)
-                                 in zip(small_shapes, padded_shapes, strict=True)])
+    small_ratios = torch.tensor(
+        [[w / pw, h / ph] for (h, w), (ph, pw) in zip(small_shapes, padded_shapes, strict=True)]
+    )
     valid_ratios = torch.stack([torch.ones(3, 2), small_ratios])
     with torch.no_grad():
-        batched = decoder(target, reference_boxes, torch.stack([large_tokens, small_tokens]),
-                          torch.stack([large_mask, small_mask]), padded_shapes, valid_ratios,
-                          text, token_mask, box_head)
-        alone_large = decoder(target[:1], reference_boxes[:1], large_tokens[None], None,
-                              padded_shapes, torch.ones(1, 3, 2), text[:1], token_mask[:1],
-                              box_head)
-        alone_small = decoder(target[1:], reference_boxes[1:],
-                              torch.cat([x.flatten(0, 1) for x in small])[None], None,
-                              small_shapes, torch.ones(1, 3, 2), text[1:, :3], token_mask[1:, :3],
-                              box_head)
+        batched = decoder(
+            target,
+            reference_boxes,
+            torch.stack([large_tokens, small_tokens]),
+            torch.stack([large_mask, small_mask]),
+            padded_shapes,
+            valid_ratios,
+            text,
+            token_mask,
+            box_head,
+        )
+        alone_large = decoder(
+            target[:1],
+            reference_boxes[:1],
+            large_tokens[None],
+            None,
+            padded_shapes,
+            torch.ones(1, 3, 2),
+            text[:1],
+            token_mask[:1],
+            box_head,
+        )
+        alone_small = decoder(
+            target[1:],
+            reference_boxes[1:],
+            torch.cat([x.flatten(0, 1) for x in small])[None],
+            None,
+            small_shapes,
+            torch.ones(1, 3, 2),
+            text[1:, :3],
+            token_mask[1:, :3],
+            box_head,
+        )
     for index, (hidden, references) in enumerate((alone_large, alone_small)):
         torch.testing.assert_close(batched[0][:, index], hidden[:, 0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(batched[1][:, index], references[:, 0], atol=1e-5, rtol=1e-5)
@@ -153,9 +210,17 @@ def test_decoder_runs_under_bfloat16_autocast_and_trains():
     decoder = _random_(CrossModalityDecoder(TINY), seed=6).train()
     box_head = _random_(MLP(32, 32, 4, 3), seed=7)
     shapes = [(4, 4), (2, 2), (1, 1)]
-    args = (torch.randn(2, 6, 32), torch.rand(2, 6, 4) * 0.5 + 0.25, torch.randn(2, 21, 32),
-            None, shapes, torch.ones(2, 3, 2), torch.randn(2, 4, 32),
-            torch.ones(2, 4, dtype=torch.bool), box_head)
+    args = (
+        torch.randn(2, 6, 32),
+        torch.rand(2, 6, 4) * 0.5 + 0.25,
+        torch.randn(2, 21, 32),
+        None,
+        shapes,
+        torch.ones(2, 3, 2),
+        torch.randn(2, 4, 32),
+        torch.ones(2, 4, dtype=torch.bool),
+        box_head,
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         hidden, references = decoder(*args)
     assert torch.isfinite(hidden).all() and torch.isfinite(references).all()
@@ -172,16 +237,15 @@ def test_decoder_runs_under_bfloat16_autocast_and_trains():
 
 def test_official_rules_match_the_official_key_list():
     prefix = "transformer.decoder."
-    tensors = {}
-    for line in KEYS_FILE.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, _dtype, _kind = line.split("\t")
-        if key.startswith(prefix) and not key.startswith(prefix + "bbox_embed."):
-            tensors[key] = torch.zeros(ast.literal_eval(shape))  # written as Python tuples
+    tensors = {
+        key: torch.zeros(shape)
+        for key, shape in key_shapes(SWINT_OGC_KEYS, prefix).items()
+        if not key.startswith(prefix + "bbox_embed.")
+    }
     lifted = prefixed(prefix, "", OFFICIAL_RULES)
     assert not re.fullmatch(lifted[0][0], prefix + "bbox_embed.0.layers.0.weight")
     renamed = rename_state_dict(tensors, lifted)
     ours = CrossModalityDecoder(GroundingDINOConfig()).state_dict()
-    assert {k: tuple(v.shape) for k, v in renamed.items()} == \
-        {k: tuple(v.shape) for k, v in ours.items()}
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == {
+        k: tuple(v.shape) for k, v in ours.items()
+    }

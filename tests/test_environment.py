@@ -5,11 +5,23 @@ import importlib
 
 import pytest
 
-from tests.conftest import DATA_DIR, VOCAB_FILE
+from tests.key_lists import VOCAB_FILE, read_key_list
 
 MODULES = [
-    "torch", "torchvision", "transformers", "timm", "segment_anything", "supervision", "gradio",
-    "gradio_client", "huggingface_hub", "safetensors", "PIL", "numpy", "cv2", "scipy",
+    "torch",
+    "torchvision",
+    "transformers",
+    "timm",
+    "segment_anything",
+    "supervision",
+    "gradio",
+    "gradio_client",
+    "huggingface_hub",
+    "safetensors",
+    "PIL",
+    "numpy",
+    "cv2",
+    "scipy",
     "pycocotools",
 ]
 
@@ -43,10 +55,10 @@ def test_tokenizer_matches_reference_ids(tokenizer):
     assert tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", ".", "?"]) == [101, 102, 1012, 1029]
 
 
-@pytest.mark.parametrize(("name", "count"), [("gdino_swint_ogc_keys.txt", 938),
-                                             ("gdino_swinb_keys.txt", 1106)])
+@pytest.mark.parametrize(
+    ("name", "count"), [("gdino_swint_ogc_keys.txt", 938), ("gdino_swinb_keys.txt", 1106)]
+)
 def test_official_key_lists_are_complete(name, count):
-    lines = (DATA_DIR / name).read_text().splitlines()
-    keys = [line.split("\t")[0] for line in lines if line and not line.startswith("#")]
+    keys = [entry.key for entry in read_key_list(name)]
     assert len(keys) == count
     assert len(set(keys)) == count

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import BertConfig, GroundingDinoConfig, GroundingDinoModel, SwinConfig
@@ -12,12 +9,18 @@ from transformers import BertConfig, GroundingDinoConfig, GroundingDinoModel, Sw
 from grounding.config import GroundingDINOConfig
 from grounding.feature_enhancer import HF_RULES, OFFICIAL_RULES, FeatureEnhancer
 from grounding.key_mapping import prefixed, rename_state_dict
+from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
-KEYS_FILE = Path(__file__).parent / "data" / "gdino_swint_ogc_keys.txt"
 HIDDEN = 32
 SHAPES = [(6, 5), (3, 3), (2, 2)]
-OURS = GroundingDINOConfig(hidden_dim=HIDDEN, num_feature_levels=len(SHAPES), encoder_layers=2,
-                           encoder_heads=4, encoder_ffn_dim=64, encoder_points=2)
+OURS = GroundingDINOConfig(
+    hidden_dim=HIDDEN,
+    num_feature_levels=len(SHAPES),
+    encoder_layers=2,
+    encoder_heads=4,
+    encoder_ffn_dim=64,
+    encoder_points=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +28,30 @@ def hf_encoder():
     """transformers' encoder of a tiny GroundingDinoModel, with all weights perturbed."""
     torch.manual_seed(0)
     config = GroundingDinoConfig(
-        backbone_config=SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                                   out_features=["stage2", "stage3", "stage4"]),
-        text_config=BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                               num_attention_heads=2, intermediate_size=32),
-        d_model=HIDDEN, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-        encoder_n_points=2, num_feature_levels=len(SHAPES), decoder_layers=1,
-        decoder_attention_heads=4, decoder_ffn_dim=64, num_queries=10)
+        backbone_config=SwinConfig(
+            embed_dim=8,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 1, 1],
+            out_features=["stage2", "stage3", "stage4"],
+        ),
+        text_config=BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        ),
+        d_model=HIDDEN,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        encoder_n_points=2,
+        num_feature_levels=len(SHAPES),
+        decoder_layers=1,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=64,
+        num_queries=10,
+    )
     encoder = GroundingDinoModel(config).encoder.eval()
     with torch.no_grad():
         for name, param in encoder.named_parameters():
@@ -47,10 +67,11 @@ def ours(hf_encoder):
     """Our enhancer with the transformers weights, loaded through HF_RULES, strictly."""
     model = FeatureEnhancer(OURS).eval()
     rules = prefixed("model.encoder.", "feature_enhancer.", HF_RULES)
-    renamed = rename_state_dict({f"model.encoder.{k}": v
-                                 for k, v in hf_encoder.state_dict().items()}, rules)
+    renamed = rename_state_dict(
+        {f"model.encoder.{k}": v for k, v in hf_encoder.state_dict().items()}, rules
+    )
     prefix = "feature_enhancer."
-    model.load_state_dict({k[len(prefix):]: v for k, v in renamed.items()}, strict=True)
+    model.load_state_dict({k[len(prefix) :]: v for k, v in renamed.items()}, strict=True)
     return model
 
 
@@ -67,10 +88,10 @@ def _text_inputs(phrases: list[list[int]], length: int):
     for b, counts in enumerate(phrases):
         start = 1
         for count in counts:
-            attend[b, start:start + count, start:start + count] = True
-            position_ids[b, start:start + count] = torch.arange(count)
+            attend[b, start : start + count, start : start + count] = True
+            position_ids[b, start : start + count] = torch.arange(count)
             start += count
-        token_mask[b, :start + 1] = True  # [CLS] ... [SEP]
+        token_mask[b, : start + 1] = True  # [CLS] ... [SEP]
     return token_mask, attend, position_ids
 
 
@@ -85,22 +106,34 @@ def _flatten_padded(maps: list[torch.Tensor], valid: list[list[tuple[int, int]]]
             h, w = valid[b][level]
             mask[b, :h, :w] = False
         masks.append(mask.flatten(1))
-        ratios.append(torch.stack([(~mask[:, 0, :]).sum(1) / width,
-                                   (~mask[:, :, 0]).sum(1) / height], -1))
-    return torch.cat([m.flatten(1, 2) for m in maps], 1), torch.cat(masks, 1), \
-        torch.stack(ratios, 1)
+        ratios.append(
+            torch.stack([(~mask[:, 0, :]).sum(1) / width, (~mask[:, :, 0]).sum(1) / height], -1)
+        )
+    return (
+        torch.cat([m.flatten(1, 2) for m in maps], 1),
+        torch.cat(masks, 1),
+        torch.stack(ratios, 1),
+    )
 
 
-def _run_hf(encoder, vision, pos, padding, ratios, text, token_mask, attend, position_ids,
-            shapes):
+def _run_hf(encoder, vision, pos, padding, ratios, text, token_mask, attend, position_ids, shapes):
     spatial = torch.tensor(shapes)
     start = torch.cat([spatial.new_zeros(1), spatial.prod(1).cumsum(0)[:-1]])
-    out = encoder(vision_features=vision, vision_attention_mask=padding,
-                  vision_position_embedding=pos, spatial_shapes=spatial,
-                  spatial_shapes_list=shapes, level_start_index=start, valid_ratios=ratios,
-                  text_features=text, text_attention_mask=~token_mask,
-                  text_position_embedding=None, text_self_attention_masks=~attend,
-                  text_position_ids=position_ids, return_dict=True)
+    out = encoder(
+        vision_features=vision,
+        vision_attention_mask=padding,
+        vision_position_embedding=pos,
+        spatial_shapes=spatial,
+        spatial_shapes_list=shapes,
+        level_start_index=start,
+        valid_ratios=ratios,
+        text_features=text,
+        text_attention_mask=~token_mask,
+        text_position_embedding=None,
+        text_self_attention_masks=~attend,
+        text_position_ids=position_ids,
+        return_dict=True,
+    )
     return out.last_hidden_state_vision, out.last_hidden_state_text
 
 
@@ -113,8 +146,9 @@ def test_matches_transformers(hf_encoder, ours, padded):
     pos = torch.randn_like(vision)
     token_mask, attend, position_ids = _text_inputs([[3, 3], [2]], 8)
     text = torch.randn(2, 8, HIDDEN)
-    expected = _run_hf(hf_encoder, vision, pos, padding, ratios, text, token_mask, attend,
-                       position_ids, SHAPES)
+    expected = _run_hf(
+        hf_encoder, vision, pos, padding, ratios, text, token_mask, attend, position_ids, SHAPES
+    )
     with torch.no_grad():
         out = ours(vision, pos, SHAPES, ratios, padding, text, token_mask, attend, position_ids)
     torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-5)
@@ -137,8 +171,17 @@ def _alone(model, maps, pos_maps, phrases, text):
     token_mask, attend, position_ids = _text_inputs([phrases], text.shape[1])
     vision = torch.cat([m.flatten(1, 2) for m in maps], 1)
     pos = torch.cat([p.flatten(1, 2) for p in pos_maps], 1)
-    return model(vision, pos, shapes, torch.ones(1, len(shapes), 2), None, text, token_mask,
-                 attend, position_ids)
+    return model(
+        vision,
+        pos,
+        shapes,
+        torch.ones(1, len(shapes), 2),
+        None,
+        text,
+        token_mask,
+        attend,
+        position_ids,
+    )
 
 
 def _pad_maps(maps, shapes, fill):
@@ -146,7 +189,7 @@ def _pad_maps(maps, shapes, fill):
     out = []
     for grid, (height, width) in zip(maps, shapes, strict=True):
         padded = torch.full((1, height, width, grid.shape[-1]), fill)
-        padded[:, :grid.shape[1], :grid.shape[2]] = grid
+        padded[:, : grid.shape[1], : grid.shape[2]] = grid
         out.append(padded)
     return out
 
@@ -162,10 +205,12 @@ def test_padding_invariance(ours):
     vision, padding, ratios = _flatten_padded(_pad_maps(maps, SHAPES, 7.0), [valid])
     pos, _, _ = _flatten_padded(_pad_maps(pos_maps, SHAPES, -3.0), [valid])
     token_mask, attend, position_ids = _text_inputs([[3]], 5)
-    out_vision, out_text = ours(vision, pos, SHAPES, ratios, padding, text, token_mask, attend,
-                                position_ids)
-    torch.testing.assert_close(out_vision[:, _valid_index(SHAPES, valid)], alone_vision,
-                               atol=1e-5, rtol=1e-5)
+    out_vision, out_text = ours(
+        vision, pos, SHAPES, ratios, padding, text, token_mask, attend, position_ids
+    )
+    torch.testing.assert_close(
+        out_vision[:, _valid_index(SHAPES, valid)], alone_vision, atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(out_text, alone_text, atol=1e-5, rtol=1e-5)
 
 
@@ -182,18 +227,19 @@ def test_batch_equals_each_alone(ours):
     alone_b = _alone(ours, maps_b, pos_b, [3], text_b)
 
     maps = [torch.cat(pair) for pair in zip(maps_a, _pad_maps(maps_b, SHAPES, 5.0), strict=True)]
-    pos_maps = [torch.cat(pair) for pair in zip(pos_a, _pad_maps(pos_b, SHAPES, 1.0),
-                                                 strict=True)]
+    pos_maps = [torch.cat(pair) for pair in zip(pos_a, _pad_maps(pos_b, SHAPES, 1.0), strict=True)]
     vision, padding, ratios = _flatten_padded(maps, [SHAPES, small])
     pos, _, _ = _flatten_padded(pos_maps, [SHAPES, small])
     text = torch.cat([text_a, torch.cat([text_b, torch.randn(1, 3, HIDDEN)], 1)])
     token_mask, attend, position_ids = _text_inputs([[3, 3], [3]], 8)
-    out_vision, out_text = ours(vision, pos, SHAPES, ratios, padding, text, token_mask, attend,
-                                position_ids)
+    out_vision, out_text = ours(
+        vision, pos, SHAPES, ratios, padding, text, token_mask, attend, position_ids
+    )
     torch.testing.assert_close(out_vision[:1], alone_a[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_text[:1], alone_a[1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out_vision[1:, _valid_index(SHAPES, small)], alone_b[0],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out_vision[1:, _valid_index(SHAPES, small)], alone_b[0], atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(out_text[1:, :5], alone_b[1], atol=1e-5, rtol=1e-5)
 
 
@@ -202,8 +248,17 @@ def _padded_inputs():
     maps = [torch.randn(2, h, w, HIDDEN) for h, w in SHAPES]
     vision, padding, ratios = _flatten_padded(maps, [SHAPES, [(4, 3), (2, 2), (1, 1)]])
     token_mask, attend, position_ids = _text_inputs([[3, 3], [2]], 8)
-    return (vision, torch.randn_like(vision), SHAPES, ratios, padding, torch.randn(2, 8, HIDDEN),
-            token_mask, attend, position_ids)
+    return (
+        vision,
+        torch.randn_like(vision),
+        SHAPES,
+        ratios,
+        padding,
+        torch.randn(2, 8, HIDDEN),
+        token_mask,
+        attend,
+        position_ids,
+    )
 
 
 @torch.no_grad()
@@ -220,16 +275,26 @@ def test_autocast_bfloat16(ours):
 
 def test_bfloat16_weights_and_training_step():
     model = FeatureEnhancer(OURS)
-    (vision, pos, shapes, ratios, padding, text, token_mask, attend,
-     position_ids) = _padded_inputs()
+    (vision, pos, shapes, ratios, padding, text, token_mask, attend, position_ids) = (
+        _padded_inputs()
+    )
     with torch.no_grad():
         low = model.to(torch.bfloat16).eval()(
-            vision.bfloat16(), pos.bfloat16(), shapes, ratios, padding, text.bfloat16(),
-            token_mask, attend, position_ids)
+            vision.bfloat16(),
+            pos.bfloat16(),
+            shapes,
+            ratios,
+            padding,
+            text.bfloat16(),
+            token_mask,
+            attend,
+            position_ids,
+        )
     assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in low)
     model.float().train()  # drop path active
-    out_vision, out_text = model(vision, pos, shapes, ratios, padding, text, token_mask, attend,
-                                 position_ids)
+    out_vision, out_text = model(
+        vision, pos, shapes, ratios, padding, text, token_mask, attend, position_ids
+    )
     (out_vision.square().mean() + out_text.square().mean()).backward()
     assert model.fusion_layers[0].gamma_v.grad is not None
     assert model.layers[0].self_attn.sampling_offsets.weight.grad.abs().sum() > 0
@@ -237,12 +302,8 @@ def test_bfloat16_weights_and_training_step():
 
 def test_official_rules_match_checkpoint_layout():
     prefix = "transformer.encoder."
-    checkpoint = {}
-    for line in KEYS_FILE.read_text().splitlines():
-        key, shape = (line.split("\t") + [""])[:2]
-        if key.startswith(prefix):
-            dims = [int(d) for d in re.findall(r"\d+", shape)]
-            checkpoint[key] = torch.zeros(dims)
+    shapes = key_shapes(SWINT_OGC_KEYS, prefix)
+    checkpoint = {key: torch.zeros(shape) for key, shape in shapes.items()}
     assert len(checkpoint) == 276
     renamed = rename_state_dict(checkpoint, prefixed(prefix, "", OFFICIAL_RULES))
     model = FeatureEnhancer(GroundingDINOConfig())

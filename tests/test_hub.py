@@ -9,9 +9,8 @@ import pytest
 from huggingface_hub import constants
 
 from grounding import hub
-from tests.conftest import VOCAB_FILE
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+from tests.helpers import COMMIT
+from tests.key_lists import VOCAB_FILE
 
 
 def put_in_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
@@ -64,8 +63,9 @@ def test_download_path_fetches_into_the_cache(cache, monkeypatch, tmp_path):
     def fake_download(repo_id, filename, **kwargs):
         calls.append((repo_id, filename))
         put_in_cache(cache, repo_id, {filename: source.read_bytes()})
-        return str(cache / ("models--" + repo_id.replace("/", "--")) / "snapshots" / COMMIT
-                   / filename)
+        return str(
+            cache / ("models--" + repo_id.replace("/", "--")) / "snapshots" / COMMIT / filename
+        )
 
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
@@ -90,8 +90,9 @@ def test_text_encoder_from_local_directory_and_from_cache(cache, offline, tmp_pa
     local.mkdir()
     shutil.copy(VOCAB_FILE, local / "vocab.txt")
     assert hub.text_encoder_dir(local) == local
-    put_in_cache(cache, "bert-base-uncased",
-                 {"config.json": b"{}", "vocab.txt": VOCAB_FILE.read_bytes()})
+    put_in_cache(
+        cache, "bert-base-uncased", {"config.json": b"{}", "vocab.txt": VOCAB_FILE.read_bytes()}
+    )
     directory = hub.text_encoder_dir(None)
     assert (directory / "vocab.txt").read_bytes() == VOCAB_FILE.read_bytes()
 
@@ -108,8 +109,11 @@ def test_local_directory_without_vocabulary_is_rejected(tmp_path):
 
 
 def test_transformers_repository_from_the_cache(cache, offline):
-    put_in_cache(cache, "IDEA-Research/grounding-dino-tiny",
-                 {"config.json": b"{}", "model.safetensors": b"x", "vocab.txt": b"[PAD]"})
+    put_in_cache(
+        cache,
+        "IDEA-Research/grounding-dino-tiny",
+        {"config.json": b"{}", "model.safetensors": b"x", "vocab.txt": b"[PAD]"},
+    )
     directory = hub.transformers_checkpoint_dir("IDEA-Research/grounding-dino-tiny")
     assert (directory / "model.safetensors").read_bytes() == b"x"
     with pytest.raises(hub.OfflineError, match="grounding-dino-base"):

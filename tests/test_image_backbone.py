@@ -11,7 +11,7 @@ from transformers import SwinConfig as HFSwinConfig
 from grounding.config import SwinConfig, from_transformers_config, swinb_cogcoor
 from grounding.image_backbone import ImageBackbone, hf_rules, official_rules
 from grounding.key_mapping import rename_state_dict
-from tests.conftest import DATA_DIR
+from tests.key_lists import read_key_list
 
 # (embed_dim, depths, num_heads, window_size): shifted blocks in every stage with window 4, and
 # a window (7) larger than most maps with single-block stages.
@@ -24,13 +24,31 @@ IMAGE_SIZES = [(100, 148), (224, 224), (260, 300), (101, 147), (64, 96), (33, 45
 
 def _hf_backbone(embed_dim, depths, num_heads, window_size):
     """The Swin backbone of a tiny transformers Grounding DINO, with perturbed random weights."""
-    swin = HFSwinConfig(embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
-                        window_size=window_size, out_indices=[2, 3, 4])
-    text = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=37, max_position_embeddings=64)
-    config = GroundingDinoConfig(backbone_config=swin, text_config=text, d_model=32,
-                                 encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32,
-                                 decoder_ffn_dim=32, num_queries=10)
+    swin = HFSwinConfig(
+        embed_dim=embed_dim,
+        depths=list(depths),
+        num_heads=list(num_heads),
+        window_size=window_size,
+        out_indices=[2, 3, 4],
+    )
+    text = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=swin,
+        text_config=text,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_queries=10,
+    )
     conv_encoder = GroundingDinoModel(config).eval().backbone.conv_encoder
     with torch.no_grad():  # non-trivial norms and relative position biases
         for parameter in conv_encoder.parameters():
@@ -45,8 +63,9 @@ def backbones(request):
     config = from_transformers_config(hf_config.to_dict()).backbone
     ours = ImageBackbone(config).eval()
     # conv_encoder.model is what the full model prefixes `model.backbone.conv_encoder.model.`.
-    ours.load_state_dict(rename_state_dict(conv_encoder.model.state_dict(), hf_rules(config)),
-                         strict=True)
+    ours.load_state_dict(
+        rename_state_dict(conv_encoder.model.state_dict(), hf_rules(config)), strict=True
+    )
     return conv_encoder, ours
 
 
@@ -101,18 +120,11 @@ def test_autocast_bfloat16_close_to_float32(backbones):
         assert (a.float() - e).abs().mean() < 0.03 * e.abs().mean()  # measured ~0.01
 
 
-def _official_backbone_state(path):
+def _official_backbone_state(key_file):
     """Pseudo-random tensors for the `backbone.0.*` keys of a key list, prefix stripped."""
     generator = torch.Generator().manual_seed(0)
     state = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, dtype, _ = line.split("\t")
-        key = key.removeprefix("module.")
-        if not key.startswith("backbone.0."):
-            continue
-        shape = tuple(int(n) for n in shape.strip("()").split(",") if n.strip())
+    for key, shape, dtype, _ in read_key_list(key_file, "backbone.0."):
         if dtype == "int64":
             state[key.removeprefix("backbone.0.")] = torch.randint(0, 9, shape, generator=generator)
         else:
@@ -120,12 +132,16 @@ def _official_backbone_state(path):
     return state
 
 
-@pytest.mark.parametrize(("key_file", "config"), [
-    ("gdino_swint_ogc_keys.txt", SwinConfig()),
-    ("gdino_swinb_keys.txt", swinb_cogcoor().backbone),
-], ids=["swint", "swinb"])
+@pytest.mark.parametrize(
+    ("key_file", "config"),
+    [
+        ("gdino_swint_ogc_keys.txt", SwinConfig()),
+        ("gdino_swinb_keys.txt", swinb_cogcoor().backbone),
+    ],
+    ids=["swint", "swinb"],
+)
 def test_official_layout_loads_strictly(key_file, config):
-    official = _official_backbone_state(DATA_DIR / key_file)
+    official = _official_backbone_state(key_file)
     renamed = rename_state_dict(official, official_rules(config))
     with torch.device("meta"):  # layout only: skip the random initialisation
         backbone = ImageBackbone(config)
@@ -133,8 +149,12 @@ def test_official_layout_loads_strictly(key_file, config):
     backbone.load_state_dict(renamed, strict=True, assign=True)  # also checks every shape
     state = backbone.state_dict()
     # Patch merging moves one stage on; stage norms follow out_indices.
-    torch.testing.assert_close(state["swin.layers.1.downsample.reduction.weight"],
-                               official["layers.0.downsample.reduction.weight"])
+    torch.testing.assert_close(
+        state["swin.layers.1.downsample.reduction.weight"],
+        official["layers.0.downsample.reduction.weight"],
+    )
     torch.testing.assert_close(state["norms.0.weight"], official["norm1.weight"])
-    torch.testing.assert_close(state["swin.layers.2.blocks.1.attn.qkv.weight"],
-                               official["layers.2.blocks.1.attn.qkv.weight"])
+    torch.testing.assert_close(
+        state["swin.layers.2.blocks.1.attn.qkv.weight"],
+        official["layers.2.blocks.1.attn.qkv.weight"],
+    )

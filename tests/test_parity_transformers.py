@@ -125,7 +125,7 @@ def test_hub_id_of_a_transformers_repository_loads_from_the_cache(tiny_pair, tmp
     """`load_detector("owner/name")` with the network replaced by a pre-filled Hub cache."""
     from huggingface_hub import constants
 
-    from tests.test_hub import COMMIT
+    from tests.helpers import COMMIT
 
     hf_model, detector = tiny_pair
     repo = tmp_path / "hub" / "models--someone--tiny-gdino"

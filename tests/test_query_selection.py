@@ -1,10 +1,8 @@
 """Language-guided query selection and the contrastive head: parity with transformers, planted
 tokens, padding invariance, and the official checkpoint layout."""
 
-import ast
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,10 +16,14 @@ from grounding.query_selection import (
     QuerySelection,
     encoder_output_proposals,
 )
+from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
-KEYS_FILE = Path(__file__).parent / "data" / "gdino_swint_ogc_keys.txt"
-HF_BLOCK_PREFIXES = ("enc_output.", "enc_output_norm.", "encoder_output_bbox_embed.",
-                     "query_position_embeddings.")
+HF_BLOCK_PREFIXES = (
+    "enc_output.",
+    "enc_output_norm.",
+    "encoder_output_bbox_embed.",
+    "query_position_embeddings.",
+)
 TINY = GroundingDINOConfig(hidden_dim=32, num_queries=6, num_feature_levels=3, max_text_len=8)
 HF_TINY = replace(TINY, num_queries=10, max_text_len=12)  # as `_tiny_transformers_model()`
 
@@ -31,15 +33,37 @@ def _tiny_transformers_model(num_queries: int = 10, max_text_len: int = 12):
     from transformers import BertConfig, GroundingDinoConfig, SwinConfig
     from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoModel
 
-    swin = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
-                      out_features=["stage2", "stage3", "stage4"])
-    bert = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=64)
+    swin = SwinConfig(
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    bert = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     config = GroundingDinoConfig(
-        backbone_config=swin, text_config=bert, d_model=32, encoder_layers=1, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-        decoder_ffn_dim=64, num_queries=num_queries, max_text_len=max_text_len,
-        num_feature_levels=4, encoder_n_points=2, decoder_n_points=2)
+        backbone_config=swin,
+        text_config=bert,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_queries=num_queries,
+        max_text_len=max_text_len,
+        num_feature_levels=4,
+        encoder_n_points=2,
+        decoder_n_points=2,
+    )
     torch.manual_seed(0)
     model = GroundingDinoModel(config).eval()
     with torch.no_grad():  # non-trivial values for every weight of this block
@@ -79,13 +103,14 @@ def test_encoder_output_proposals_match_transformers(hf_model):
     for (height, width), (valid_h, valid_w) in zip(shapes, valid, strict=True):
         level = torch.ones(height, width, dtype=torch.bool)
         level[:valid_h, :valid_w] = False
-        padding_mask[1, start:start + height * width] = level.flatten()
+        padding_mask[1, start : start + height * width] = level.flatten()
         start += height * width
     vision = torch.randn(2, length, 32)
 
     with torch.no_grad():
         hf_memory, hf_proposals = hf_model.generate_encoder_output_proposals(
-            vision, padding_mask, shapes)
+            vision, padding_mask, shapes
+        )
         memory, proposals = encoder_output_proposals(vision, padding_mask, shapes)
         ours = _ours_from_transformers(hf_model, HF_TINY)
         memory = ours.enc_output_norm(ours.enc_output(memory))
@@ -102,15 +127,19 @@ def test_query_selection_matches_transformers_forward(hf_model):
     attention_mask = torch.ones(2, 7, dtype=torch.long)
     attention_mask[1, 5:] = 0
     with torch.no_grad():
-        out = hf_model(pixel_values=torch.randn(2, 3, 64, 64), input_ids=input_ids,
-                       attention_mask=attention_mask)
+        out = hf_model(
+            pixel_values=torch.randn(2, 3, 64, 64),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+        )
     shapes = [(8, 8), (4, 4), (2, 2), (1, 1)]  # strides 8, 16, 32, 64 of a 64x64 image
     vision = out.encoder_last_hidden_state_vision
     assert vision.shape[1] == sum(h * w for h, w in shapes)
     ours = _ours_from_transformers(hf_model, HF_TINY)
     with torch.no_grad():
-        selection = ours(vision, None, shapes, out.encoder_last_hidden_state_text,
-                         attention_mask.bool())
+        selection = ours(
+            vision, None, shapes, out.encoder_last_hidden_state_text, attention_mask.bool()
+        )
 
     hf_topk = out.enc_outputs_class.max(-1).values.topk(10, dim=1).indices
     assert torch.equal(selection.topk_indices, hf_topk)
@@ -119,8 +148,9 @@ def test_query_selection_matches_transformers_forward(hf_model):
     expected_logits = torch.gather(out.enc_outputs_class, 1, hf_topk[..., None].expand(-1, -1, 12))
     torch.testing.assert_close(selection.encoder_logits, expected_logits)
     assert torch.isinf(selection.encoder_logits[1, :, 5:]).all()
-    torch.testing.assert_close(selection.target,
-                               hf_model.query_position_embeddings.weight.expand(2, -1, -1))
+    torch.testing.assert_close(
+        selection.target, hf_model.query_position_embeddings.weight.expand(2, -1, -1)
+    )
 
 
 def test_top_k_picks_the_planted_tokens():
@@ -156,8 +186,8 @@ def _pad_levels(levels, padded_shapes, fill):
     for level, (height, width) in zip(levels, padded_shapes, strict=True):
         canvas = fill(height, width)
         pad = torch.ones(height, width, dtype=torch.bool)
-        canvas[:level.shape[0], :level.shape[1]] = level
-        pad[:level.shape[0], :level.shape[1]] = False
+        canvas[: level.shape[0], : level.shape[1]] = level
+        pad[: level.shape[0], : level.shape[1]] = False
         tokens.append(canvas.flatten(0, 1))
         mask.append(pad.flatten())
     return torch.cat(tokens), torch.cat(mask)
@@ -196,20 +226,26 @@ def test_padding_invariance_and_padded_tokens_never_selected():
     padding_mask = torch.stack([large_mask, small_mask])
     with torch.no_grad():
         batched = selection(vision, padding_mask, padded_shapes, text, token_mask)
-        alone_large = selection(large_tokens[None], None, padded_shapes, text[:1],
-                                token_mask[:1])
-        alone_small = selection(torch.cat([x.flatten(0, 1) for x in small])[None], None,
-                                small_shapes, text[1:, :3], token_mask[1:, :3])
+        alone_large = selection(large_tokens[None], None, padded_shapes, text[:1], token_mask[:1])
+        alone_small = selection(
+            torch.cat([x.flatten(0, 1) for x in small])[None],
+            None,
+            small_shapes,
+            text[1:, :3],
+            token_mask[1:, :3],
+        )
         unmasked = selection(vision, None, padded_shapes, text, token_mask)
 
     assert padding_mask[1].gather(0, unmasked.topk_indices[1]).any(), "the test plants nothing"
     assert not padding_mask.gather(1, batched.topk_indices).any()
     for index, alone in ((0, alone_large), (1, alone_small)):
         for name in ("target", "reference_boxes", "encoder_logits", "encoder_boxes"):
-            torch.testing.assert_close(getattr(batched, name)[index], getattr(alone, name)[0],
-                                       msg=name)
-    mapped = [_unpadded_index(i, small_shapes, padded_shapes)
-              for i in batched.topk_indices[1].tolist()]
+            torch.testing.assert_close(
+                getattr(batched, name)[index], getattr(alone, name)[0], msg=name
+            )
+    mapped = [
+        _unpadded_index(i, small_shapes, padded_shapes) for i in batched.topk_indices[1].tolist()
+    ]
     assert mapped == alone_small.topk_indices[0].tolist()
     assert torch.equal(batched.topk_indices[0], alone_large.topk_indices[0])
 
@@ -218,8 +254,13 @@ def test_query_selection_runs_under_bfloat16_autocast():
     selection = _random_(QuerySelection(TINY), seed=7)
     shapes = [(4, 4), (2, 2), (1, 1)]
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        out = selection(torch.randn(2, 21, 32), None, shapes, torch.randn(2, 4, 32),
-                        torch.ones(2, 4, dtype=torch.bool))
+        out = selection(
+            torch.randn(2, 21, 32),
+            None,
+            shapes,
+            torch.randn(2, 4, 32),
+            torch.ones(2, 4, dtype=torch.bool),
+        )
     assert torch.isfinite(out.reference_boxes).all()
     assert out.encoder_logits.shape == (2, 6, 8)
 
@@ -227,8 +268,13 @@ def test_query_selection_runs_under_bfloat16_autocast():
 def test_query_selection_gradients_reach_the_encoder_box_head_only_through_encoder_boxes():
     selection = _random_(QuerySelection(TINY), seed=8).train()
     shapes = [(4, 4), (2, 2), (1, 1)]
-    out = selection(torch.randn(1, 21, 32), None, shapes, torch.randn(1, 4, 32),
-                    torch.ones(1, 4, dtype=torch.bool))
+    out = selection(
+        torch.randn(1, 21, 32),
+        None,
+        shapes,
+        torch.randn(1, 4, 32),
+        torch.ones(1, 4, dtype=torch.bool),
+    )
     assert not out.reference_boxes.requires_grad
     (out.encoder_boxes.sum() + out.encoder_logits[..., :4].sum()).backward()
     assert selection.enc_out_bbox_embed.layers[0].weight.grad is not None
@@ -250,16 +296,11 @@ def test_contrastive_logits_masks_and_pads():
 
 def _official_block_state_dict(prefix: str, rules) -> dict[str, torch.Tensor]:
     """Zero tensors for the official keys under `prefix` that `rules` name, renamed to ours."""
-    tensors = {}
-    for line in KEYS_FILE.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape, _dtype, _kind = line.split("\t")
-        if key.startswith(prefix):
-            tensors[key] = torch.zeros(ast.literal_eval(shape))  # written as Python tuples
+    tensors = {key: torch.zeros(shape) for key, shape in key_shapes(SWINT_OGC_KEYS, prefix).items()}
     lifted = prefixed(prefix, "", rules)
-    named = {k: v for k, v in tensors.items()
-             if any(re.fullmatch(pattern, k) for pattern, _ in lifted)}
+    named = {
+        k: v for k, v in tensors.items() if any(re.fullmatch(pattern, k) for pattern, _ in lifted)
+    }
     return rename_state_dict(named, lifted)
 
 
@@ -267,5 +308,6 @@ def test_official_rules_match_the_official_key_list():
     ours = QuerySelection(GroundingDINOConfig()).state_dict()
     renamed = _official_block_state_dict("transformer.", OFFICIAL_RULES)
     assert renamed.keys() == ours.keys()
-    assert {k: tuple(v.shape) for k, v in renamed.items()} == \
-        {k: tuple(v.shape) for k, v in ours.items()}
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == {
+        k: tuple(v.shape) for k, v in ours.items()
+    }

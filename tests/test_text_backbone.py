@@ -1,7 +1,6 @@
 """BERT text backbone + projection (grounding/text_backbone.py) against transformers."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +16,16 @@ from grounding.config import GroundingDINOConfig
 from grounding.key_mapping import rename_state_dict
 from grounding.text_backbone import HF_RULES, OFFICIAL_RULES, TextBackbone
 from grounding.text_masks import BERT_SPECIAL_TOKEN_IDS, sub_sentence_masks
+from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
-KEY_LIST = Path(__file__).parent / "data" / "gdino_swint_ogc_keys.txt"
-
-TINY_TEXT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=37, max_position_embeddings=64)
+TINY_TEXT = dict(
+    vocab_size=30522,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+)
 HIDDEN_DIM = 32
 
 
@@ -36,12 +40,26 @@ class _Detector(nn.Module):
 @pytest.fixture(scope="module")
 def hf_model():
     torch.manual_seed(0)
-    swin = HFSwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                        window_size=4, out_features=["stage2", "stage3", "stage4"])
+    swin = HFSwinConfig(
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        out_features=["stage2", "stage3", "stage4"],
+    )
     config = HFGroundingDinoConfig(
-        backbone_config=swin, text_config=TINY_TEXT, d_model=HIDDEN_DIM, encoder_layers=1,
-        decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=8,
-        encoder_attention_heads=2, decoder_attention_heads=2, max_text_len=32)
+        backbone_config=swin,
+        text_config=TINY_TEXT,
+        d_model=HIDDEN_DIM,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_queries=8,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        max_text_len=32,
+    )
     return GroundingDinoModel(config).eval()
 
 
@@ -51,8 +69,11 @@ def ours(hf_model):
     torch.manual_seed(1)  # different random init, so a missed key would show
     detector = _Detector(GroundingDINOConfig(text=TINY_TEXT, hidden_dim=HIDDEN_DIM)).eval()
     # GroundingDinoModel is `model` inside GroundingDinoForObjectDetection.
-    hf_state = {f"model.{k}": v for k, v in hf_model.state_dict().items()
-                if k.startswith(("text_backbone.", "text_projection."))}
+    hf_state = {
+        f"model.{k}": v
+        for k, v in hf_model.state_dict().items()
+        if k.startswith(("text_backbone.", "text_projection."))
+    }
     detector.load_state_dict(rename_state_dict(hf_state, HF_RULES), strict=True)
     return detector.text_backbone
 
@@ -61,11 +82,15 @@ def _hf_text_features(hf_model, batch) -> torch.Tensor:
     """The projected text features inside a full transformers forward (before the encoder)."""
     captured = []
     hook = hf_model.text_projection.register_forward_hook(
-        lambda module, args, output: captured.append(output))
+        lambda module, args, output: captured.append(output)
+    )
     pixel_values = torch.randn(len(batch["input_ids"]), 3, 128, 128)
     with torch.no_grad():
-        hf_model(pixel_values=pixel_values, input_ids=batch["input_ids"],
-                 attention_mask=batch["attention_mask"])
+        hf_model(
+            pixel_values=pixel_values,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+        )
     hook.remove()
     return captured[0]
 
@@ -96,11 +121,13 @@ def test_padded_batch_equals_transformers(tokenizer, hf_model, ours):
     # mask lets the shorter caption's [SEP] join its last phrase: our documented deviation).
     alone = tokenizer(captions[:1], return_tensors="pt")
     real = alone["input_ids"].shape[1]
-    torch.testing.assert_close(actual[0, :real], _hf_text_features(hf_model, alone)[0],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        actual[0, :real], _hf_text_features(hf_model, alone)[0], atol=1e-5, rtol=0
+    )
     # Given transformers' own masks, the backbone reproduces the whole batch.
     hf_mask, hf_positions = generate_masks_with_special_tokens_and_transfer_map(
-        batch["input_ids"], torch.tensor(BERT_SPECIAL_TOKEN_IDS))
+        batch["input_ids"], torch.tensor(BERT_SPECIAL_TOKEN_IDS)
+    )
     with torch.no_grad():
         same_masks = ours(batch["input_ids"], hf_mask, hf_positions)
     torch.testing.assert_close(same_masks, expected, atol=1e-5, rtol=0)
@@ -123,8 +150,9 @@ def test_additive_mask_equals_explicit_attention(tokenizer, ours):
 
 
 def test_bf16_autocast(tokenizer, ours):
-    batch = tokenizer(["a cat .", "a remote control . a cat ."], padding="longest",
-                      return_tensors="pt")
+    batch = tokenizer(
+        ["a cat .", "a remote control . a cat ."], padding="longest", return_tensors="pt"
+    )
     reference = _ours(ours, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         actual = _ours(ours, batch)
@@ -134,20 +162,17 @@ def test_bf16_autocast(tokenizer, ours):
 
 
 def _official_text_keys() -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in KEY_LIST.read_text().splitlines():
-        if line.startswith(("bert.", "feat_map.")):
-            key, shape = line.split("\t")[:2]
-            shapes[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return shapes
+    return key_shapes(SWINT_OGC_KEYS, "bert.") | key_shapes(SWINT_OGC_KEYS, "feat_map.")
 
 
 def test_official_keys_map_onto_full_size_backbone():
     shapes = _official_text_keys()
     assert len(shapes) == 201 and "bert.pooler.dense.weight" in shapes
     # One distinct constant per key, without allocating full-size tensors.
-    state = {key: torch.tensor(float(index)).expand(shape)
-             for index, (key, shape) in enumerate(shapes.items())}
+    state = {
+        key: torch.tensor(float(index)).expand(shape)
+        for index, (key, shape) in enumerate(shapes.items())
+    }
     # Persisted by the transformers versions the official checkpoints were saved with.
     state["bert.embeddings.position_ids"] = torch.arange(512)[None]
     renamed = rename_state_dict(state, OFFICIAL_RULES)

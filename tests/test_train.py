@@ -28,7 +28,7 @@ from grounding.optim import (
 )
 from grounding.trainer import accumulate_gradients, read_training_state
 from grounding.transformers_format import save_pretrained
-from tests.conftest import VOCAB_FILE
+from tests.key_lists import VOCAB_FILE
 
 CATEGORIES = {1: "red square", 2: "blue square", 3: "green square"}
 COLOURS = {1: (220, 30, 30), 2: (30, 30, 220), 3: (30, 200, 30)}
@@ -41,8 +41,13 @@ IMAGES = {
 }
 
 
-def write_coco(root, image_ids=tuple(IMAGES), *, corrupt_image: bool = False,
-               same_size: tuple[int, int] | None = None):
+def write_coco(
+    root,
+    image_ids=tuple(IMAGES),
+    *,
+    corrupt_image: bool = False,
+    same_size: tuple[int, int] | None = None,
+):
     """Drawn rectangles in COCO format under `root`; returns (image folder, annotation file).
 
     Args:
@@ -60,20 +65,43 @@ def write_coco(root, image_ids=tuple(IMAGES), *, corrupt_image: bool = False,
         draw = ImageDraw.Draw(image)
         for category_id, x, y, w, h in boxes:
             draw.rectangle([x, y, x + w - 1, y + h - 1], fill=COLOURS[category_id])
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": category_id, "bbox": [x, y, w, h],
-                                "area": w * h, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
         image.save(image_dir / f"{image_id}.png")
-        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": width,
-                       "height": height})
+        images.append(
+            {"id": image_id, "file_name": f"{image_id}.png", "width": width, "height": height}
+        )
     if corrupt_image:
         (image_dir / "broken.jpg").write_bytes(b"not an image" * 20)
         images.append({"id": 99, "file_name": "broken.jpg", "width": 100, "height": 100})
-        annotations.append({"id": 99, "image_id": 99, "category_id": 1,
-                            "bbox": [1, 1, 20, 20], "area": 400, "iscrowd": 0})
+        annotations.append(
+            {
+                "id": 99,
+                "image_id": 99,
+                "category_id": 1,
+                "bbox": [1, 1, 20, 20],
+                "area": 400,
+                "iscrowd": 0,
+            }
+        )
     path = root / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [
-        {"id": cid, "name": name} for cid, name in CATEGORIES.items()]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": cid, "name": name} for cid, name in CATEGORIES.items()],
+            }
+        )
+    )
     return image_dir, path
 
 
@@ -100,9 +128,28 @@ def same_size_coco(tmp_path_factory):
 
 def arguments(coco, out, *extra, config: str | None = "tiny") -> list[str]:
     image_dir, annotations = coco
-    argv = ["--train-images", str(image_dir), "--train-annotations", str(annotations),
-            "--out", str(out), "--batch-size", "2", "--sizes", "96", "--max-size", "160",
-            "--workers", "0", "--log-every", "1", "--epochs", "1", "--no-progress", *extra]
+    argv = [
+        "--train-images",
+        str(image_dir),
+        "--train-annotations",
+        str(annotations),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--sizes",
+        "96",
+        "--max-size",
+        "160",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--epochs",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
     # From scratch: the tokenizer comes from the shipped vocabulary.
     return argv + (["--config", config, "--text-encoder", str(VOCAB_FILE)] if config else [])
 
@@ -119,16 +166,36 @@ def test_outputs_and_exact_resume(coco, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train_module.main(arguments(coco, whole, "--epochs", "2")) == 0
     # Interrupted in the middle of epoch 2 (2 steps per epoch), evaluated, then resumed.
-    validation = ("--val-images", str(image_dir), "--val-annotations", str(annotations),
-                  "--val-max-images", "2")
-    assert train_module.main(arguments(coco, parts, "--epochs", "2", "--max-steps", "3",
-                                       *validation)) == 0
+    validation = (
+        "--val-images",
+        str(image_dir),
+        "--val-annotations",
+        str(annotations),
+        "--val-max-images",
+        "2",
+    )
+    assert (
+        train_module.main(arguments(coco, parts, "--epochs", "2", "--max-steps", "3", *validation))
+        == 0
+    )
 
     lines = [json.loads(line) for line in (parts / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if line["type"] == "train"]
     assert [line["step"] for line in steps] == [1, 2, 3]
-    for key in ("epoch", "lr", "lr_backbone", "lr_text", "loss", "loss_class", "loss_l1",
-                "loss_giou", "loss_class_0", "loss_giou_enc", "grad_norm", "seconds"):
+    for key in (
+        "epoch",
+        "lr",
+        "lr_backbone",
+        "lr_text",
+        "loss",
+        "loss_class",
+        "loss_l1",
+        "loss_giou",
+        "loss_class_0",
+        "loss_giou_enc",
+        "grad_norm",
+        "seconds",
+    ):
         assert key in steps[0], key
     # After epoch 1 and where --max-steps stopped the run.
     evaluations = [line for line in lines if line["type"] == "eval"]
@@ -137,26 +204,31 @@ def test_outputs_and_exact_resume(coco, tmp_path):
     assert evaluations[0]["images"] == 2
     assert (parts / "best" / "metrics.json").is_file()
     detector = grounding.load_detector(parts / "last", device="cpu")
-    model, info = GroundingDinoForObjectDetection.from_pretrained(parts / "last",
-                                                                   output_loading_info=True)
+    model, info = GroundingDinoForObjectDetection.from_pretrained(
+        parts / "last", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert detector.model.config.num_queries == model.config.num_queries == 50
     state = read_training_state(parts / "last")
     assert state["progress"]["step"] == 3 and state["progress"]["position"] == 1
     # The run folder is not overwritten by accident, and the run's flags cannot change.
     assert train_module.main(arguments(coco, parts, "--epochs", "2")) == 1
-    assert train_module.main(arguments(coco, parts, "--epochs", "2", "--resume", "--lr", "1e-3",
-                                       config=None)) == 1
+    assert (
+        train_module.main(
+            arguments(coco, parts, "--epochs", "2", "--resume", "--lr", "1e-3", config=None)
+        )
+        == 1
+    )
 
-    assert train_module.main(arguments(coco, parts, "--epochs", "2", "--resume",
-                                       config=None)) == 0
+    assert train_module.main(arguments(coco, parts, "--epochs", "2", "--resume", config=None)) == 0
     expected, resumed = train_lines(whole), train_lines(parts)
     assert [line["step"] for line in resumed] == [1, 2, 3, 4]
     for a, b in zip(expected, resumed, strict=True):
         for key in ("loss", "loss_class", "loss_l1", "loss_giou_enc", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
-    final, final_resumed = (load_file(str(run / "last" / "model.safetensors"))
-                            for run in (whole, parts))
+    final, final_resumed = (
+        load_file(str(run / "last" / "model.safetensors")) for run in (whole, parts)
+    )
     for key, value in final.items():
         torch.testing.assert_close(final_resumed[key], value, rtol=1e-5, atol=1e-6)
 
@@ -166,19 +238,26 @@ def test_one_epoch_plus_a_resumed_epoch_equals_two_epochs(coco, tmp_path):
     assert train_module.main(arguments(coco, whole, "--epochs", "2")) == 0
     assert train_module.main(arguments(coco, parts, "--epochs", "1")) == 0
     # Data-loading processes give the same batches as loading in this process.
-    assert train_module.main(arguments(coco, parts, "--epochs", "2", "--resume", "--workers",
-                                       "2", config=None)) == 0
+    assert (
+        train_module.main(
+            arguments(coco, parts, "--epochs", "2", "--resume", "--workers", "2", config=None)
+        )
+        == 0
+    )
     expected, resumed = train_lines(whole), train_lines(parts)
-    assert [line["loss"] for line in resumed] == pytest.approx([line["loss"] for line in expected],
-                                                               rel=1e-5)
-    final, final_resumed = (load_file(str(run / "last" / "model.safetensors"))
-                            for run in (whole, parts))
+    assert [line["loss"] for line in resumed] == pytest.approx(
+        [line["loss"] for line in expected], rel=1e-5
+    )
+    final, final_resumed = (
+        load_file(str(run / "last" / "model.safetensors")) for run in (whole, parts)
+    )
     for key, value in final.items():
         torch.testing.assert_close(final_resumed[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint(coco, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint(
+    coco, tmp_path, monkeypatch, capsys
+):
     original = SetCriterion.forward
     calls = []
 
@@ -204,8 +283,12 @@ def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint(coco, tmp_path, 
     monkeypatch.undo()
     with open(out / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps({"type": "train", "step": 7, "loss": 1.0}) + "\n")
-    assert train_module.main(arguments(coco, out, "--epochs", "2", "--batch-size", "4",
-                                       "--resume", config=None)) == 0
+    assert (
+        train_module.main(
+            arguments(coco, out, "--epochs", "2", "--batch-size", "4", "--resume", config=None)
+        )
+        == 0
+    )
     assert [line["step"] for line in train_lines(out)] == [1, 2]
 
 
@@ -221,11 +304,21 @@ def test_an_unreadable_image_is_skipped(tmp_path, caplog):
 
 def test_frozen_parts_do_not_change_and_the_rest_does(coco, tmp_path, tokenizer):
     torch.manual_seed(0)
-    start = save_pretrained(build_model(train_module.tiny_config(len(tokenizer))),
-                            tmp_path / "start", tokenizer)
+    start = save_pretrained(
+        build_model(train_module.tiny_config(len(tokenizer))), tmp_path / "start", tokenizer
+    )
     out = tmp_path / "run"
-    argv = arguments(coco, out, "--checkpoint", str(start), "--freeze", "backbone",
-                     "--max-steps", "1", config=None)
+    argv = arguments(
+        coco,
+        out,
+        "--checkpoint",
+        str(start),
+        "--freeze",
+        "backbone",
+        "--max-steps",
+        "1",
+        config=None,
+    )
     assert train_module.main(argv) == 0
     before = load_file(str(start / "model.safetensors"))
     after = load_file(str(out / "last" / "model.safetensors"))
@@ -233,14 +326,32 @@ def test_frozen_parts_do_not_change_and_the_rest_does(coco, tmp_path, tokenizer)
     # transformers' names: BERT is frozen by default when fine-tuning; its projection is not.
     frozen = ("model.backbone.", "model.text_backbone.")
     assert changed and not {key for key in changed if key.startswith(frozen)}
-    for prefix in ("model.input_proj_vision.", "model.encoder.", "model.decoder.",
-                   "model.text_projection.", "model.enc_output."):
+    for prefix in (
+        "model.input_proj_vision.",
+        "model.encoder.",
+        "model.decoder.",
+        "model.text_projection.",
+        "model.enc_output.",
+    ):
         assert any(key.startswith(prefix) for key in changed), prefix
     assert read_training_state(out / "last")["frozen"] == ["backbone", "text"]
 
     out = tmp_path / "text"
-    assert train_module.main(arguments(coco, out, "--checkpoint", str(start), "--train-text",
-                                       "--max-steps", "1", config=None)) == 0
+    assert (
+        train_module.main(
+            arguments(
+                coco,
+                out,
+                "--checkpoint",
+                str(start),
+                "--train-text",
+                "--max-steps",
+                "1",
+                config=None,
+            )
+        )
+        == 0
+    )
     after = load_file(str(out / "last" / "model.safetensors"))
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     assert any(key.startswith("model.text_backbone.") for key in changed)
@@ -255,8 +366,10 @@ def test_parameter_groups_follow_freezing(tokenizer):
     assert model.training and model.backbone.training and model.text_backbone.projection.training
     assert not model.text_backbone.bert.training and not model.decoder.training
     groups = parameter_groups(model, lr=1e-4, lr_backbone=1e-5, lr_text=1e-5, weight_decay=1e-4)
-    assert [(group["name"], group["lr"]) for group in groups] == [("backbone", 1e-5),
-                                                                   ("detector", 1e-4)]
+    assert [(group["name"], group["lr"]) for group in groups] == [
+        ("backbone", 1e-5),
+        ("detector", 1e-4),
+    ]
     with pytest.raises(ValueError, match="cannot freeze"):
         freeze(model, ["bert"])
 
@@ -264,27 +377,33 @@ def test_parameter_groups_follow_freezing(tokenizer):
 def deterministic_config(vocab_size: int):
     """The tiny config without drop path or dropout, so that a step depends on the data only."""
     config = train_module.tiny_config(vocab_size)
-    return replace(config, backbone=replace(config.backbone, drop_path_rate=0.0),
-                   fusion_drop_path=0.0,
-                   text={**config.text, "hidden_dropout_prob": 0.0,
-                         "attention_probs_dropout_prob": 0.0})
+    return replace(
+        config,
+        backbone=replace(config.backbone, drop_path_rate=0.0),
+        fusion_drop_path=0.0,
+        text={**config.text, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    )
 
 
 def test_accumulated_gradients_equal_one_large_batch(same_size_coco, tokenizer):
     torch.manual_seed(0)
     model = build_model(deterministic_config(len(tokenizer))).train()
-    dataset = CocoGroundingDataset(*same_size_coco, tokenizer, train=True, sizes=(96,),
-                                   max_size=160, negatives=1)
+    dataset = CocoGroundingDataset(
+        *same_size_coco, tokenizer, train=True, sizes=(96,), max_size=160, negatives=1
+    )
     samples = [dataset[index] for index in (0, 1, 2)]  # 2, 1 and 3 boxes
-    special = (tokenizer.cls_token_id, tokenizer.sep_token_id,
-               *tokenizer.convert_tokens_to_ids([".", "?"]))
+    special = (
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+        *tokenizer.convert_tokens_to_ids([".", "?"]),
+    )
 
     def gradients(windows):
         model.zero_grad()
-        loss, _ = accumulate_gradients(model, SetCriterion(), windows, torch.device("cpu"),
-                                       special)
-        return loss, {name: p.grad.clone() for name, p in model.named_parameters()
-                      if p.grad is not None}
+        loss, _ = accumulate_gradients(model, SetCriterion(), windows, torch.device("cpu"), special)
+        return loss, {
+            name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None
+        }
 
     whole_loss, whole = gradients([collate(samples)])
     split_loss, split = gradients([collate(samples[:1]), collate(samples[1:])])
@@ -300,11 +419,12 @@ def test_accumulated_gradients_equal_one_large_batch(same_size_coco, tokenizer):
 def test_accumulation_run_equals_a_larger_batch_run(same_size_coco, tmp_path, monkeypatch):
     monkeypatch.setitem(train_module.SCRATCH_CONFIGS, "deterministic", deterministic_config)
     runs = {}
-    for name, flags in {"batch2": ("--batch-size", "2"),
-                        "batch1x2": ("--batch-size", "1", "--accumulate", "2")}.items():
+    for name, flags in {
+        "batch2": ("--batch-size", "2"),
+        "batch1x2": ("--batch-size", "1", "--accumulate", "2"),
+    }.items():
         out = tmp_path / name
-        argv = arguments(same_size_coco, out, *flags, "--max-steps", "2",
-                         config="deterministic")
+        argv = arguments(same_size_coco, out, *flags, "--max-steps", "2", config="deterministic")
         assert train_module.main(argv) == 0
         runs[name] = (train_lines(out), load_file(str(out / "last" / "model.safetensors")))
     (lines, weights), (accumulated_lines, accumulated_weights) = runs.values()
@@ -314,20 +434,27 @@ def test_accumulation_run_equals_a_larger_batch_run(same_size_coco, tmp_path, mo
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     for key, value in weights.items():
         # Parameters whose gradient is rounding noise (see above) move by up to ~lr / 30.
-        torch.testing.assert_close(accumulated_weights[key], value, rtol=1e-4, atol=1e-5,
-                                   msg=lambda message, key=key: f"{key}: {message}")
+        torch.testing.assert_close(
+            accumulated_weights[key],
+            value,
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda message, key=key: f"{key}: {message}",
+        )
 
 
 def test_learning_rate_schedule():
     common = dict(steps_per_epoch=10, total_steps=100)
-    step = [learning_rate_factor(s, schedule="step", warmup_steps=0, drop_epochs=(2, 4),
-                                 **common) for s in (0, 19, 20, 39, 40)]
+    step = [
+        learning_rate_factor(s, schedule="step", warmup_steps=0, drop_epochs=(2, 4), **common)
+        for s in (0, 19, 20, 39, 40)
+    ]
     assert step == pytest.approx([1, 1, 0.1, 0.1, 0.01])
-    warm = [learning_rate_factor(s, schedule="step", warmup_steps=4, **common)
-            for s in (0, 3, 4)]
+    warm = [learning_rate_factor(s, schedule="step", warmup_steps=4, **common) for s in (0, 3, 4)]
     assert warm == pytest.approx([0.2, 0.8, 1.0])
-    cosine = [learning_rate_factor(s, schedule="cosine", warmup_steps=0, **common)
-              for s in (0, 50, 100)]
+    cosine = [
+        learning_rate_factor(s, schedule="cosine", warmup_steps=0, **common) for s in (0, 50, 100)
+    ]
     assert cosine == pytest.approx([1.0, 0.5, 0.0], abs=1e-9)
 
 

@@ -8,7 +8,7 @@ by --step boxes.
 First run (cold caches), stage by stage: detector (`Detector.infer`), SAM image embedding, mask
 decoding of the shown boxes, drawing (`annotate`); then `GroundedSAM.run` end to end and, with
 --background N (the app's setting, 48, by default), the time the background thread then needs to
-decode the N boxes below the threshold (0: the synchronous `prefetch_boxes` instead).
+decode the N boxes below the threshold (0: the synchronous `LookAhead.prefetch()` instead).
 Slider changes (warm caches; `run` + `annotate`, the pipeline's share of a slider release; the
 whole round trip in a browser is scripts/benchmark_app.py): "cached" moves between thresholds
 seen before (re-filter, re-assemble masks, draw); "down" lowers the threshold step by step, each
@@ -34,7 +34,7 @@ from segment_anything import sam_model_registry
 
 from grounding import Detector, build_model
 from grounding.config import PRESETS
-from segmentation.pipeline import GroundedSAM
+from segmentation.pipeline import GroundedSAM, LookAhead
 from segmentation.sam import BoxSegmenter
 from segmentation.visualize import annotate
 
@@ -95,7 +95,8 @@ def main() -> None:
         rows.setdefault("SAM image embedding", []).append(sample)
         (masks, _), sample = timed(lambda shown=shown: segmenter.segment(shown.boxes))
         rows.setdefault(f"mask decoding, {len(shown)} boxes", []).append(sample)
-        pipeline = GroundedSAM(detector, segmenter, background_boxes=args.background)
+        pipeline = GroundedSAM(detector, segmenter, look_ahead=(
+            LookAhead.background(args.background) if args.background else LookAhead()))
         result, sample = timed(lambda pipeline=pipeline: pipeline.run(
             image, PROMPT, threshold[args.boxes]))
         prefetched = pipeline.stats.boxes_decoded - len(result)

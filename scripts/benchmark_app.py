@@ -44,7 +44,7 @@ import app  # noqa: E402  (the repository's app.py)
 from grounding import Detector, build_model  # noqa: E402
 from grounding.config import PRESETS  # noqa: E402
 from segmentation.models import ModelChoice  # noqa: E402
-from segmentation.pipeline import GroundedSAM  # noqa: E402
+from segmentation.pipeline import GroundedSAM, LookAhead  # noqa: E402
 from segmentation.sam import BoxSegmenter  # noqa: E402
 from ui.handlers import BACKGROUND_BOXES, MAX_DETECTIONS, GroundedSamApp  # noqa: E402
 
@@ -88,7 +88,7 @@ def full_size_pipeline(sam: str, device: torch.device) -> GroundedSAM:
     detector = Detector(model, BertTokenizer(vocab=str(VOCAB), do_lower_case=True),
                         device=device)
     segmenter = BoxSegmenter(sam_model_registry[sam](checkpoint=None).to(device).eval())
-    return GroundedSAM(detector, segmenter, background_boxes=BACKGROUND_BOXES)
+    return GroundedSAM(detector, segmenter, look_ahead=LookAhead.background(BACKGROUND_BOXES))
 
 
 def serve(pipeline: GroundedSAM, sam: str, device: torch.device,
@@ -96,7 +96,8 @@ def serve(pipeline: GroundedSAM, sam: str, device: torch.device,
     """The app on a free localhost port, its handlers serving `pipeline`; the duration of each
     call of the UI handler is appended to `handler_seconds`."""
     choice = ModelChoice(detector="swint_ogc", sam=sam, device=str(device), offline=False)
-    handlers = GroundedSamApp(choice, loader=lambda choice: pipeline)  # no weights loaded
+    # No weights loaded; `pipeline` has the app's look-ahead already.
+    handlers = GroundedSamApp(choice, loader=lambda choice, look_ahead: pipeline)
     handler = handlers.ui_segment  # the run button's, and the sliders' through ui_rethreshold
 
     @functools.wraps(handler)
@@ -131,7 +132,7 @@ def main() -> None:
     device = torch.device(args.device)
     height, width = (int(v) for v in args.size.split("x"))
     pipeline = full_size_pipeline(args.sam, device)
-    ahead = pipeline.background_boxes
+    ahead = pipeline.look_ahead.background_boxes
     image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     image_path = Path(tempfile.mkdtemp()) / "random.png"
     Image.fromarray(image).save(image_path)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from segmentation import report  # noqa: E402
 from segmentation.build import load_pipeline  # noqa: E402
-from segmentation.pipeline import SegmentedDetections  # noqa: E402
+from segmentation.results import SegmentedDetections  # noqa: E402
 
 
 def picture(kind: str, side: int) -> np.ndarray:

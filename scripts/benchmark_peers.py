@@ -60,7 +60,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grounding  # noqa: E402
 from grounding.transforms import preprocess  # noqa: E402
-from segmentation.pipeline import GroundedSAM  # noqa: E402
+from segmentation.pipeline import GroundedSAM, LookAhead  # noqa: E402
 from segmentation.sam import BoxSegmenter  # noqa: E402
 
 VOCAB = Path(__file__).resolve().parents[1] / "tests" / "data" / "bert-base-uncased-vocab.txt"
@@ -228,7 +228,7 @@ def build_stages(args, device, image, hf_model, processor, detector, sam) -> lis
     threshold = float(scores[args.boxes - 1] + scores[args.boxes]) / 2
 
     def ours_app():
-        result = GroundedSAM(detector, segmenter, prefetch_boxes=0).run(
+        result = GroundedSAM(detector, segmenter, look_ahead=LookAhead.off()).run(
             image, CAPTION, box_threshold=threshold, text_threshold=TEXT_THRESHOLD)
         return result.boxes, result.scores, result.masks
 

@@ -67,7 +67,7 @@ from grounding.evaluate import (  # noqa: E402
 from grounding.predictor import Detector  # noqa: E402
 from grounding.shapes_data import CATEGORIES, TEST_SEED_OFFSET, generate_split  # noqa: E402
 from segmentation.fast_modes import QUANTIZE_MODES, apply_fast_modes  # noqa: E402
-from segmentation.pipeline import GroundedSAM  # noqa: E402
+from segmentation.pipeline import GroundedSAM, LookAhead  # noqa: E402
 from segmentation.sam import BoxSegmenter  # noqa: E402
 from segmentation.sam_data import annotation_mask  # noqa: E402
 from segmentation.shapes_metrics import (  # noqa: E402
@@ -154,7 +154,7 @@ def pipeline_metrics(detector: Detector, sam, folder: str | Path, *,
     folder = Path(folder)
     coco, images, per_image = _split_images(folder, max_images)
     names = {category["id"]: category["name"] for category in coco["categories"]}
-    pipeline = GroundedSAM(detector, BoxSegmenter(sam), prefetch_boxes=0)
+    pipeline = GroundedSAM(detector, BoxSegmenter(sam), look_ahead=LookAhead.off())
     segmenter = BoxSegmenter(sam)
     prompt = shapes_prompt()
     tally, truth_box_ious = MatchTally(), []

@@ -95,7 +95,7 @@ import grounding  # noqa: E402
 from grounding.predictor import Detector, RawPrediction  # noqa: E402
 from grounding.text_masks import sub_sentence_masks  # noqa: E402
 from grounding.transforms import preprocess  # noqa: E402
-from segmentation.pipeline import GroundedSAM  # noqa: E402
+from segmentation.pipeline import GroundedSAM, LookAhead  # noqa: E402
 from segmentation.sam import BoxSegmenter  # noqa: E402
 
 CAPTION = peers.CAPTION
@@ -414,7 +414,7 @@ def sam_outputs(segmenter: BoxSegmenter, image: np.ndarray, boxes: np.ndarray):
 
 def fresh_run(ctx: Context, segmenter: BoxSegmenter):
     """A first GroundedSAM.run (nothing cached): BOXES detections, box threshold 0."""
-    return GroundedSAM(ctx.detector, segmenter, prefetch_boxes=0).run(
+    return GroundedSAM(ctx.detector, segmenter, look_ahead=LookAhead.off()).run(
         ctx.image, CAPTION, box_threshold=0.0, text_threshold=TEXT_THRESHOLD,
         max_detections=BOXES)
 

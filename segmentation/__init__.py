@@ -19,7 +19,10 @@ from segmentation.export import (
     write_zip,
 )
 from segmentation.images import load_image
-from segmentation.pipeline import GroundedSAM, PipelineStats, SegmentedDetections
+from segmentation.look_ahead import LookAhead
+from segmentation.pipeline import GroundedSAM
+from segmentation.results import CacheMiss, SegmentedDetections
+from segmentation.runner import PipelineStats
 from segmentation.sam import (
     SAM_CHECKPOINTS,
     BoxSegmenter,
@@ -32,8 +35,10 @@ from segmentation.visualize import annotate, annotated_image_value, legend
 __all__ = [
     "SAM_CHECKPOINTS",
     "BoxSegmenter",
+    "CacheMiss",
     "GroundedSAM",
     "ImageEmbedding",
+    "LookAhead",
     "PipelineStats",
     "SegmentedDetections",
     "annotate",

@@ -11,8 +11,10 @@ from grounding import hub, load_detector
 from grounding.config import PRESETS
 from grounding.devices import default_device
 from segmentation.fast_modes import apply_fast_modes, check_quantize
+from segmentation.look_ahead import DEFAULT_LOOK_AHEAD, LookAhead
 from segmentation.offline import shapes_detector, shapes_sam
-from segmentation.pipeline import DEFAULT_CACHE_BYTES, GroundedSAM
+from segmentation.pipeline import GroundedSAM
+from segmentation.result_cache import DEFAULT_CACHE_BYTES
 from segmentation.sam import BoxSegmenter, build_sam
 from segmentation.sam import sam_checkpoint as official_sam_checkpoint
 
@@ -29,6 +31,7 @@ def load_pipeline(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     quantize: str | None = None,
     compile: bool = False,
+    look_ahead: LookAhead = DEFAULT_LOOK_AHEAD,
 ) -> GroundedSAM:
     """Grounding DINO + SAM, weights loaded, on `device`.
 
@@ -51,6 +54,8 @@ def load_pipeline(
             `segmentation.fast_modes`). Applies to offline mode too.
         compile: `torch.compile` SAM's image encoder (eager, after one warning, without a
             compiler). Applies to offline mode too.
+        look_ahead: how the pipeline decodes masks below the box threshold ahead
+            (`segmentation.look_ahead`).
 
     Raises:
         FileNotFoundError: `detector` is a path that does not exist.
@@ -71,7 +76,10 @@ def load_pipeline(
             device=resolved,
         )
         return GroundedSAM(
-            grounding_detector, BoxSegmenter(segment_anything), cache_bytes=cache_bytes
+            grounding_detector,
+            BoxSegmenter(segment_anything),
+            cache_bytes=cache_bytes,
+            look_ahead=look_ahead,
         )
     if not (detector in PRESETS or Path(detector).exists() or hub.is_hub_id(detector)):
         if hub.looks_like_path(detector) or "/" in str(detector):
@@ -94,4 +102,9 @@ def load_pipeline(
     apply_fast_modes(
         grounding_detector, segment_anything, quantize=quantize, compile=compile, device=resolved
     )
-    return GroundedSAM(grounding_detector, BoxSegmenter(segment_anything), cache_bytes=cache_bytes)
+    return GroundedSAM(
+        grounding_detector,
+        BoxSegmenter(segment_anything),
+        cache_bytes=cache_bytes,
+        look_ahead=look_ahead,
+    )

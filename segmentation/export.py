@@ -23,7 +23,7 @@ from pycocotools import mask as mask_utils
 
 from segmentation.images import rgb_array
 from segmentation.masks import true_window
-from segmentation.pipeline import SegmentedDetections
+from segmentation.results import SegmentedDetections
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from grounding import hub
 from grounding.config import DETECTOR_PRESETS, detector_preset
 from grounding.devices import default_device
 from segmentation.fast_modes import QUANTIZE_MODES
+from segmentation.look_ahead import DEFAULT_LOOK_AHEAD, LookAhead
 from segmentation.sam import SAM_CHECKPOINTS
 
 SAM_VARIANTS = tuple(SAM_CHECKPOINTS)
@@ -226,8 +227,9 @@ def model_choice(
     )
 
 
-def load_models(choice: ModelChoice):
-    """The GroundedSAM pipeline for a choice (downloads weights on first use unless offline)."""
+def load_models(choice: ModelChoice, look_ahead: LookAhead = DEFAULT_LOOK_AHEAD):
+    """The GroundedSAM pipeline for a choice (downloads weights on first use unless offline),
+    decoding masks ahead as `look_ahead` says."""
     from segmentation.build import load_pipeline
 
     return load_pipeline(
@@ -238,4 +240,5 @@ def load_models(choice: ModelChoice):
         sam_checkpoint=choice.sam_checkpoint,
         quantize=choice.quantize,
         compile=choice.compile,
+        look_ahead=look_ahead,
     )

@@ -18,7 +18,7 @@ from PIL import Image
 
 from segmentation.images import rgb_array
 from segmentation.masks import true_window
-from segmentation.pipeline import SegmentedDetections
+from segmentation.results import SegmentedDetections
 
 PALETTE = sv.ColorPalette.DEFAULT
 

@@ -143,8 +143,8 @@ def test_detections_are_capped_and_the_summary_says_so(handlers, upload, monkeyp
 
 
 def test_summary_mentions_omitted_detections_only_when_there_are_some():
-    from segmentation.pipeline import SegmentedDetections
     from segmentation.report import summary
+    from segmentation.results import SegmentedDetections
 
     result = SegmentedDetections(
         boxes=np.zeros((2, 4), np.float32), scores=np.array([0.9, 0.8], np.float32),
@@ -250,6 +250,7 @@ def test_gpu_decorator_is_spaces_gpu_when_present(monkeypatch):
 def test_background_decoding_only_off_zero_gpu(handlers, monkeypatch):
     from types import SimpleNamespace
 
+    from segmentation.look_ahead import LookAhead
     from ui import zero_gpu
     from ui.handlers import BACKGROUND_BOXES, ZERO_GPU_PREFETCH_BOXES, GroundedSamApp
 
@@ -262,15 +263,18 @@ def test_background_decoding_only_off_zero_gpu(handlers, monkeypatch):
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     assert GroundedSamApp(offline_choice()).zero_gpu  # what the app detects by default
     monkeypatch.undo()
-    assert not handlers.zero_gpu and handlers.pipeline().background_boxes == BACKGROUND_BOXES > 0
+    assert not handlers.zero_gpu
+    assert handlers.pipeline().look_ahead == LookAhead.background(BACKGROUND_BOXES)
+    assert BACKGROUND_BOXES > 0
 
-    def load(choice):  # a pipeline's defaults
-        return SimpleNamespace(background_boxes=0, prefetch_boxes=8)
+    def load(choice, look_ahead):  # what the app asks its loader for
+        return SimpleNamespace(look_ahead=look_ahead)
 
-    for on_zero_gpu, (background, ahead) in [(False, (BACKGROUND_BOXES, 8)),
+    for on_zero_gpu, (background, ahead) in [(False, (BACKGROUND_BOXES, 0)),
                                              (True, (0, ZERO_GPU_PREFETCH_BOXES))]:
         pipeline = GroundedSamApp(offline_choice(), loader=load, zero_gpu=on_zero_gpu).pipeline()
-        assert (pipeline.background_boxes, pipeline.prefetch_boxes) == (background, ahead)
+        assert (pipeline.look_ahead.background_boxes,
+                pipeline.look_ahead.prefetch_boxes) == (background, ahead)
 
 
 def test_import_opens_no_connection_and_loads_no_model():
@@ -314,7 +318,7 @@ def test_slider_moves_reuse_mask_rles_and_the_coco_json_stays_exact(handlers, up
 def test_cached_rles_are_redone_when_a_mask_differs():
     from segmentation import report
     from segmentation.export import rle_decode
-    from segmentation.pipeline import SegmentedDetections
+    from segmentation.results import SegmentedDetections
 
     masks = np.zeros((1, 8, 10), bool)
     masks[0, 2:5, 3:7] = True
@@ -373,10 +377,24 @@ def test_ui_exports_are_written_where_gradio_serves_them_without_copying(handler
 def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(handlers, tmp_path,
                                                                       monkeypatch):
     """ZeroGPU runs @spaces.GPU functions in a forked worker process; simulated with a fork."""
+    import dataclasses
     import multiprocessing
 
     import torch
 
+    from segmentation.look_ahead import PREFETCH_MARGIN, LookAhead
+    from segmentation.pipeline import GroundedSAM
+    from ui.handlers import GroundedSamApp
+
+    shared = handlers.pipeline()
+    shared.wait_idle()  # no background thread may hold a lock across the fork
+
+    def load(choice, look_ahead):  # the look-ahead a ZeroGPU app asks for, with fewer boxes
+        assert look_ahead.mode == "prefetch" and look_ahead.background_boxes == 0
+        return GroundedSAM(shared.detector, shared.segmenter,  # the loaded models, a new cache
+                           look_ahead=dataclasses.replace(look_ahead, boxes=4))  # < 50 queries
+
+    handlers = GroundedSamApp(offline_choice(), loader=load, zero_gpu=True)
     task = handlers.segment_on_device  # undecorated: no `spaces` package here
     gpu_calls = []
 
@@ -399,14 +417,10 @@ def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(handlers,
         return answer
 
     pipeline = handlers.pipeline()
-    pipeline.wait_idle()  # no background thread may hold a lock across the fork
-    monkeypatch.setattr(pipeline, "background_boxes", 0)
-    monkeypatch.setattr(pipeline, "prefetch_boxes", 4)  # fewer than the model's 50 queries
-    monkeypatch.setattr(handlers, "zero_gpu", True)
-    monkeypatch.setattr(handlers, "segment_on_device", in_forked_worker)
+    assert pipeline.look_ahead == LookAhead.prefetch(4) and handlers.zero_gpu
+    handlers.segment_on_device = in_forked_worker
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where uploads are read from
     from grounding.shapes_data import generate_image
-    from segmentation.pipeline import PREFETCH_MARGIN
 
     path = tmp_path / "fresh.png"  # pixels no earlier test cached: a red circle, a blue square
     Image.fromarray(generate_image(np.random.default_rng([7, 3])).image).save(path)
@@ -446,7 +460,7 @@ def test_thresholds_that_are_not_real_numbers_in_the_unit_interval_are_refused(h
 
 def test_a_sessions_rle_cache_stays_bounded():
     from segmentation import report
-    from segmentation.pipeline import SegmentedDetections
+    from segmentation.results import SegmentedDetections
 
     cache: dict = {}
     for start in range(0, 3 * report.RLE_CACHE_ENTRIES, 50):
@@ -470,7 +484,7 @@ def test_concurrent_first_events_load_the_models_once():
 
     loads, release = [], threading.Event()
 
-    def slow_load(choice):
+    def slow_load(choice, look_ahead):
         loads.append(choice)
         release.wait(5)
         return SimpleNamespace()

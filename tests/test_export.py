@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segmentation.export import rle_decode, rle_encode, to_coco, to_json_dict, to_zip
-from segmentation.pipeline import SegmentedDetections
+from segmentation.results import SegmentedDetections
 
 HEIGHT, WIDTH = 48, 64
 

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 import segmentation.build as build_module
+import segmentation.look_ahead as look_ahead_module
 import segmentation.pipeline as pipeline_module
 import segmentation.sam as sam_module
 from grounding import Detections, RawPrediction
 from grounding.hub import OfflineError
 from segmentation.build import load_pipeline
 from segmentation.cache import ByteLRU
+from segmentation.look_ahead import BackgroundDecoder, LookAhead
 from segmentation.pipeline import GroundedSAM
 from segmentation.sam import BoxSegmenter
 from segmentation.tiny_models import tiny_detector, tiny_sam
@@ -35,7 +37,7 @@ def image():
 @pytest.fixture
 def pipeline(detector):
     """No prefetching: every decoder call below is for boxes shown."""
-    return GroundedSAM(detector, BoxSegmenter(tiny_sam()), prefetch_boxes=0)
+    return GroundedSAM(detector, BoxSegmenter(tiny_sam()), look_ahead=LookAhead.off())
 
 
 @contextlib.contextmanager
@@ -109,7 +111,7 @@ def test_threshold_changes_run_no_model(pipeline, image, monkeypatch):
 
 def test_first_run_also_decodes_the_boxes_just_below_the_threshold(detector, image,
                                                                   monkeypatch):
-    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()), prefetch_boxes=4)
+    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()), look_ahead=LookAhead.prefetch(4))
     scores = np.sort(detector.select(detector.infer(image, PROMPT), 0.0, 0.0).scores)[::-1]
     threshold = float(scores[5] + scores[6]) / 2  # 6 boxes above, then 4 within the margin
     assert threshold - scores[10] < 0.1
@@ -257,7 +259,7 @@ def test_byte_lru_takes_its_own_lock():
 
 def test_pipeline_caches_stay_within_budget_lru(detector, image, monkeypatch):
     other = image[::-1].copy()
-    small = GroundedSAM(detector, BoxSegmenter(tiny_sam()), prefetch_boxes=0)
+    small = GroundedSAM(detector, BoxSegmenter(tiny_sam()), look_ahead=LookAhead.off())
     with model_calls(small, monkeypatch) as calls:
         small.run(image, PROMPT, 0.6)
         # Room for 1.5 times what one image needs (raw outputs + embedding + masks).
@@ -269,7 +271,8 @@ def test_pipeline_caches_stay_within_budget_lru(detector, image, monkeypatch):
         small.run(image, PROMPT, 0.6)
         assert calls["infer"] == 3  # ... and is now the most recently used one
 
-    nothing = GroundedSAM(detector, BoxSegmenter(tiny_sam()), cache_bytes=0, prefetch_boxes=0)
+    nothing = GroundedSAM(detector, BoxSegmenter(tiny_sam()), cache_bytes=0,
+                          look_ahead=LookAhead.off())
     with model_calls(nothing, monkeypatch) as calls:
         nothing.run(image, PROMPT, 0.6)
         nothing.run(image, PROMPT, 0.6)
@@ -337,7 +340,7 @@ def test_max_detections_keeps_the_best_and_counts_the_rest(image):
     corners = rng.uniform(0, 66, (40, 2, 2))
     boxes = np.concatenate([corners.min(1), corners.max(1) + 30], axis=1)
     pipeline = GroundedSAM(StubDetector(boxes, np.linspace(0.95, 0.4, 40)), painting_segmenter(),
-                           prefetch_boxes=0)
+                           look_ahead=LookAhead.off())
     result = pipeline.run(image, "things", 0.5, max_detections=5)
     above = int((np.linspace(0.95, 0.4, 40) > 0.5).sum())
     assert len(result) == 5 and result.omitted == above - 5
@@ -350,7 +353,8 @@ def test_max_detections_keeps_the_best_and_counts_the_rest(image):
 
 def test_background_decodes_below_the_threshold_so_lowering_it_decodes_nothing(
         detector, image, monkeypatch):
-    background = GroundedSAM(detector, BoxSegmenter(tiny_sam()), background_boxes=6)
+    background = GroundedSAM(detector, BoxSegmenter(tiny_sam()),
+                             look_ahead=LookAhead.background(6))
     strict, middle, _ = score_cuts(background, image, PROMPT)
     with model_calls(background, monkeypatch) as calls:
         first = background.run(image, PROMPT, middle, 0.25)
@@ -365,7 +369,8 @@ def test_background_decodes_below_the_threshold_so_lowering_it_decodes_nothing(
         assert calls["decoder"] == [] and calls["infer"] == 0 and calls["encoder"] == 0
     # Masks decoded ahead are the masks a plain pipeline decodes for those boxes (the scores up
     # to float rounding: the decoder's batches differ).
-    plain = GroundedSAM(detector, BoxSegmenter(background.segmenter.sam), prefetch_boxes=0)
+    plain = GroundedSAM(detector, BoxSegmenter(background.segmenter.sam),
+                        look_ahead=LookAhead.off())
     expected = plain.run(image, PROMPT, revealing, 0.25)
     np.testing.assert_array_equal(lower.masks, expected.masks)
     np.testing.assert_allclose(lower.mask_scores, expected.mask_scores, atol=1e-5)
@@ -375,26 +380,27 @@ def test_background_decodes_below_the_threshold_so_lowering_it_decodes_nothing(
 def test_an_older_requests_look_ahead_never_replaces_a_newer_ones(detector, image, monkeypatch):
     """Two requests: the first finishes its run but hands its look-ahead over only after the
     second has handed over its own; the background thread must keep the second's."""
-    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()), background_boxes=4)
-    real_look_ahead = GroundedSAM._look_ahead
+    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()),
+                           look_ahead=LookAhead.background(4))
+    real_submit = BackgroundDecoder.submit
     first_waiting, newer_handed_over = threading.Event(), threading.Event()
 
-    def look_ahead(self, job):
+    def submit(self, job):
         if job.order == 0:
             first_waiting.set()
             assert newer_handed_over.wait(60)
-        real_look_ahead(self, job)
+        real_submit(self, job)
         if job.order == 1:
             newer_handed_over.set()
 
-    monkeypatch.setattr(GroundedSAM, "_look_ahead", look_ahead)
+    monkeypatch.setattr(BackgroundDecoder, "submit", submit)
     with pipeline.hold():  # the background thread waits, so its job can be inspected
         first = threading.Thread(target=pipeline.run, args=(image, PROMPT, 0.5))
         first.start()
         assert first_waiting.wait(60)
         pipeline.run(image[:, ::-1].copy(), PROMPT, 0.5)
         first.join(60)
-        assert pipeline._lookahead is not None and pipeline._lookahead.order == 1
+        assert pipeline.background.job is not None and pipeline.background.job.order == 1
     assert pipeline.wait_idle(timeout=60)
 
 
@@ -403,7 +409,8 @@ def test_requests_go_before_the_background_and_replace_its_job(detector, monkeyp
     request's own boxes come next, and the older job is dropped for the request's."""
     big = np.random.default_rng(3).integers(0, 256, (96, 128, 3), dtype=np.uint8)
     small = np.random.default_rng(4).integers(0, 256, (64, 80, 3), dtype=np.uint8)
-    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()), background_boxes=40)
+    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()),
+                           look_ahead=LookAhead.background(40))
     log = []
     segment = pipeline.segmenter.segment
 
@@ -423,14 +430,15 @@ def test_requests_go_before_the_background_and_replace_its_job(detector, monkeyp
     assert len(requests) == (len(first) > 0) + (len(second) > 0)
     assert len(big_ahead) <= 1, "the first job went on after a newer request"
     assert requests[-1] <= requests[0] + 2, "the second request waited for the background"
-    assert all(count <= pipeline_module.BACKGROUND_CHUNK for _, _, count in small_ahead)
+    assert all(count <= look_ahead_module.BACKGROUND_CHUNK for _, _, count in small_ahead)
     assert sum(count for _, _, count in small_ahead) == min(
         40, int((detector.select(detector.infer(small, PROMPT), 0.0, 0.25).scores <= 0.5).sum()))
 
 
 def test_a_failing_background_decode_is_logged_and_requests_still_work(detector, image,
                                                                        monkeypatch, caplog):
-    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()), background_boxes=4)
+    pipeline = GroundedSAM(detector, BoxSegmenter(tiny_sam()),
+                           look_ahead=LookAhead.background(4))
     segment = pipeline.segmenter.segment
 
     def failing_in_background(boxes):
@@ -446,34 +454,35 @@ def test_a_failing_background_decode_is_logged_and_requests_still_work(detector,
     assert pipeline.wait_idle(timeout=60)
 
 
-def test_models_false_answers_from_the_caches_or_raises_cache_miss(pipeline, image):
-    from segmentation.pipeline import CacheMiss
+def test_cache_only_answers_from_the_caches_or_raises_cache_miss(pipeline, image):
+    from segmentation.results import CacheMiss
 
     _, middle, loose = score_cuts(pipeline, image, PROMPT)
     with pytest.raises(CacheMiss):  # nothing cached yet
-        pipeline.run(image, PROMPT, middle, models=False)
+        pipeline.run(image, PROMPT, middle, cache_only=True)
     assert pipeline.stats == pipeline_module.PipelineStats()
     shown = pipeline.run(image, PROMPT, middle)
-    again = pipeline.run(image, PROMPT, middle, models=False)
+    again = pipeline.run(image, PROMPT, middle, cache_only=True)
     np.testing.assert_array_equal(again.masks, shown.masks)
     with pytest.raises(CacheMiss, match="mask decoder"):  # more boxes than were decoded
-        pipeline.run(image, PROMPT, loose, models=False)
+        pipeline.run(image, PROMPT, loose, cache_only=True)
 
 
 def test_entries_recorded_in_one_pipeline_serve_another(detector, image):
     """What a forked worker computed, copied into its parent (ZeroGPU)."""
-    from segmentation.pipeline import CacheMiss
+    from segmentation.results import CacheMiss
 
-    worker = GroundedSAM(detector, BoxSegmenter(tiny_sam()), prefetch_boxes=4)
-    parent = GroundedSAM(detector, BoxSegmenter(worker.segmenter.sam), prefetch_boxes=4)
+    worker = GroundedSAM(detector, BoxSegmenter(tiny_sam()), look_ahead=LookAhead.prefetch(4))
+    parent = GroundedSAM(detector, BoxSegmenter(worker.segmenter.sam),
+                         look_ahead=LookAhead.prefetch(4))
     _, middle, _ = score_cuts(worker, image, PROMPT)
     with worker.cache.recording() as added:
         expected = worker.run(image, PROMPT, middle)
     kinds = {key[0] for key, _, _ in added}
     assert kinds == {"raw", "embedding", "mask"}
     with pytest.raises(CacheMiss):
-        parent.run(image, PROMPT, middle, models=False)
+        parent.run(image, PROMPT, middle, cache_only=True)
     parent.adopt(added)
-    result = parent.run(image, PROMPT, middle, models=False)
+    result = parent.run(image, PROMPT, middle, cache_only=True)
     np.testing.assert_array_equal(result.masks, expected.masks)
     assert parent.stats.detector_runs == parent.stats.image_embeddings == 0

@@ -169,8 +169,8 @@ def test_a_prompt_of_unknown_words_gets_a_message_not_unk_labels(served, tmp_pat
 
 
 def test_messages_that_echo_the_prompt_escape_markup():
-    from segmentation.pipeline import SegmentedDetections
     from segmentation.report import summary
+    from segmentation.results import SegmentedDetections
 
     nothing = SegmentedDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), [],
                                   np.zeros(0, np.int64), ["<img src=x onerror=alert(1)>"],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import supervision as sv
 
-from segmentation.pipeline import SegmentedDetections
+from segmentation.results import SegmentedDetections
 from segmentation.visualize import (
     PALETTE,
     _blend_masks,

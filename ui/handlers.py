@@ -31,8 +31,10 @@ import numpy as np
 from segmentation import inputs, report
 from segmentation.export_folders import ExportFolders
 from segmentation.inputs import InputError, has_words, text_for_message, upload_name, upload_path
+from segmentation.look_ahead import LookAhead
 from segmentation.models import ModelChoice, load_models
-from segmentation.pipeline import CacheMiss, GroundedSAM
+from segmentation.pipeline import GroundedSAM
+from segmentation.results import CacheMiss
 from ui.zero_gpu import gpu, on_zero_gpu
 
 EXAMPLE_ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -78,12 +80,15 @@ class GroundedSamApp:
 
     Args:
         choice: the models to serve; they load on first use (`pipeline`), not here.
-        loader: builds the pipeline for `choice` (a benchmark hands in its own).
+        loader: builds the pipeline for `choice` and `look_ahead` (a benchmark hands in its
+            own).
         example_folder: example images the handlers read besides Gradio's upload folder.
         zero_gpu: whether this is a ZeroGPU Space; None: `on_zero_gpu()`.
 
     Attributes:
         max_detections: the most detections an answer shows (the best ones); None: all.
+        look_ahead: how the pipeline decodes masks ahead: a background thread, or on ZeroGPU
+            (where CUDA may only be used inside a request) the GPU call itself.
         segment_on_device: `segment` where the models can run (`spaces.GPU` on ZeroGPU), and
             the cache entries it added.
     """
@@ -92,7 +97,7 @@ class GroundedSamApp:
         self,
         choice: ModelChoice,
         *,
-        loader: Callable[[ModelChoice], GroundedSAM] = load_models,
+        loader: Callable[[ModelChoice, LookAhead], GroundedSAM] = load_models,
         example_folder: str | Path = EXAMPLE_ASSETS,
         zero_gpu: bool | None = None,
     ) -> None:
@@ -101,6 +106,11 @@ class GroundedSamApp:
         self.example_folder = Path(example_folder)
         self.zero_gpu = on_zero_gpu() if zero_gpu is None else zero_gpu
         self.max_detections: int | None = MAX_DETECTIONS
+        self.look_ahead = (
+            LookAhead.prefetch(ZERO_GPU_PREFETCH_BOXES)
+            if self.zero_gpu
+            else LookAhead.background(BACKGROUND_BOXES)
+        )
         self._pipeline: GroundedSAM | None = None
         self._lock = threading.Lock()  # held while the models load
         # By parent: Gradio reads its upload folder from the environment on each call.
@@ -121,12 +131,7 @@ class GroundedSamApp:
         even when several events ask at the same time."""
         with self._lock:
             if self._pipeline is None:
-                pipeline = self.loader(self.choice)
-                # CUDA only inside @spaces.GPU on ZeroGPU: the GPU call decodes ahead instead.
-                pipeline.background_boxes = 0 if self.zero_gpu else BACKGROUND_BOXES
-                if self.zero_gpu:
-                    pipeline.prefetch_boxes = ZERO_GPU_PREFETCH_BOXES
-                self._pipeline = pipeline
+                self._pipeline = self.loader(self.choice, self.look_ahead)
             return self._pipeline
 
     def export_folders(self) -> ExportFolders:
@@ -153,9 +158,11 @@ class GroundedSamApp:
         prompt: str,
         box_threshold: float,
         text_threshold: float,
-        models: bool = True,
+        *,
+        cache_only: bool = False,
     ):
-        """One pipeline call, at most `max_detections` detections."""
+        """One pipeline call, at most `max_detections` detections (`cache_only`: or CacheMiss
+        when a model would have to run)."""
         try:
             return self.pipeline().run(
                 image,
@@ -163,7 +170,7 @@ class GroundedSamApp:
                 box_threshold,
                 text_threshold,
                 max_detections=self.max_detections,
-                models=models,
+                cache_only=cache_only,
             )
         except ValueError as error:  # e.g. one phrase of the prompt longer than 256 tokens
             raise bad_input(text_for_message(error), title="Cannot segment") from None
@@ -206,7 +213,7 @@ class GroundedSamApp:
             progress(0.3, desc="Detecting and segmenting")
         if self.zero_gpu:  # a slider move whose masks are all cached needs no GPU call
             with contextlib.suppress(CacheMiss):
-                return self.segment(image, prompt, box_threshold, text_threshold, models=False)
+                return self.segment(image, prompt, box_threshold, text_threshold, cache_only=True)
         result, added = self.segment_on_device(image, prompt, box_threshold, text_threshold)
         if self.zero_gpu:
             self.pipeline().adopt(added)

@@ -1,0 +1,169 @@
+"""Decoding masks ahead: the boxes just below the box threshold, so lowering it is instant.
+
+SAM's decoder costs about 0.1 s per box on 2 CPU cores. `LookAhead`, given to `GroundedSAM`,
+says how the boxes the threshold drops get decoded before anyone asks for them:
+
+- "prefetch": in the first run of an (image, prompt), in the same decoder call as the shown boxes
+  (synchronous; on ZeroGPU the GPU call does it, where CUDA may only be used inside a request);
+- "background": after every run, by a `BackgroundDecoder` thread, best first, one chunk at a
+  time, giving way to any new request (interactive use on a CPU);
+- "none": never.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # `segmentation.models` imports this module without loading torch
+    import numpy as np
+
+    from grounding import RawPrediction
+    from segmentation.sam import ImageEmbedding
+
+# Boxes decoded ahead synchronously score at most this much below the box threshold.
+PREFETCH_MARGIN = 0.1
+# Boxes per background decoder call: a request arriving meanwhile waits for at most one call
+# (about 0.1 s per box on 2 CPU cores; batching more saves little per box).
+BACKGROUND_CHUNK = 1
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["none", "prefetch", "background"]
+
+
+@dataclass(frozen=True)
+class LookAhead:
+    """How `GroundedSAM` decodes masks ahead (see the module's docstring).
+
+    Attributes:
+        mode: "prefetch", "background" or "none".
+        boxes: the most boxes decoded ahead per (image, prompt) ("prefetch") or per run
+            ("background"), the best first.
+        margin: only boxes scoring at most this much below the box threshold (1.0: any).
+    """
+
+    mode: Mode = "prefetch"
+    boxes: int = 8
+    margin: float = PREFETCH_MARGIN
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none", "prefetch", "background"):
+            raise ValueError(f"look-ahead mode must be none, prefetch or background: {self.mode}")
+        if self.boxes < 0 or not 0 <= self.margin <= 1:
+            raise ValueError(f"look-ahead boxes must be >= 0 and margin in [0, 1]: {self}")
+
+    @classmethod
+    def prefetch(cls, boxes: int = 8, margin: float = PREFETCH_MARGIN) -> LookAhead:
+        return cls("prefetch", boxes, margin)
+
+    @classmethod
+    def background(cls, boxes: int = 48, margin: float = 1.0) -> LookAhead:
+        return cls("background", boxes, margin)
+
+    @classmethod
+    def off(cls) -> LookAhead:
+        return cls("none", 0)
+
+    @property
+    def prefetch_boxes(self) -> int:
+        """Boxes decoded ahead in a first run (0 unless "prefetch")."""
+        return self.boxes if self.mode == "prefetch" else 0
+
+    @property
+    def background_boxes(self) -> int:
+        """Boxes decoded ahead by the background thread after a run (0 unless "background")."""
+        return self.boxes if self.mode == "background" else 0
+
+
+DEFAULT_LOOK_AHEAD = LookAhead()
+
+
+@dataclass
+class LookAheadJob:
+    """Boxes below the threshold of one run, to decode in the background."""
+
+    image_key: str
+    raw: RawPrediction
+    embedding: ImageEmbedding
+    thresholds: tuple[float, float, float | None]  # box, text, NMS
+    order: int = 0  # when its run took the lock: a larger number is a newer request
+    boxes: np.ndarray | None = None  # (K, 4), best first; chosen by the background thread
+    done: int = 0  # boxes of `boxes` handled
+
+
+class BackgroundDecoder:
+    """A thread that works on the newest `LookAheadJob` whenever no request is waiting.
+
+    Args:
+        lock: held by requests while models run; the thread takes it for each chunk.
+        decode_chunk: decodes the next chunk of a job (under `lock`); True when none are left.
+    """
+
+    def __init__(self, lock: threading.Lock, decode_chunk: Callable[[LookAheadJob], bool]):
+        self._lock = lock
+        self._decode_chunk = decode_chunk
+        self._jobs = threading.Condition()  # guards the fields below
+        self._requests = 0  # runs and other holders (`hold`): the thread gives way
+        self.job: LookAheadJob | None = None
+        self._newest = -1  # `order` of the newest job handed over
+        self._worker: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Pause the thread meanwhile (it finishes the chunk it is decoding)."""
+        with self._jobs:
+            self._requests += 1
+        try:
+            yield
+        finally:
+            with self._jobs:
+                self._requests -= 1
+                self._jobs.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until the thread has nothing left to decode; False on timeout."""
+        with self._jobs:
+            return self._jobs.wait_for(lambda: self._worker is None, timeout)
+
+    def submit(self, job: LookAheadJob) -> None:
+        """Make `job` the thread's job, replacing any older one; a job of an older request than
+        the newest seen (its run finished after a newer one's) is dropped."""
+        with self._jobs:
+            if job.order < self._newest:
+                return
+            self._newest = job.order
+            self.job = job
+            if self._worker is None:
+                self._worker = threading.Thread(
+                    target=self._work, daemon=True, name="grounded-sam-lookahead"
+                )
+                self._worker.start()
+
+    def _work(self) -> None:
+        """Decode the latest job a chunk at a time whenever no request is waiting; exit when
+        there is nothing left."""
+        while True:
+            with self._jobs:
+                self._jobs.wait_for(lambda: self._requests == 0)
+                job = self.job
+                if job is None:
+                    self._worker = None
+                    self._jobs.notify_all()
+                    return
+            with self._lock:
+                if self._requests or job is not self.job:
+                    continue  # a request came in first, or replaced the job
+                try:
+                    finished = self._decode_chunk(job)
+                except Exception:  # a failed guess must not take the app down
+                    log.exception("decoding masks ahead failed; stopping for this request")
+                    finished = True
+            if finished:
+                with self._jobs:
+                    if self.job is job:
+                        self.job = None

@@ -143,3 +143,21 @@ def test_the_libraries_never_import_the_app_layer():
             if re.search(r"^\s*(from|import)\s+(ui|app)\b", path.read_text(), re.MULTILINE)
         ]
         assert not local, f"{library} imports the app: {local}"
+
+
+def test_tests_import_helpers_not_other_tests_or_conftest():
+    offenders = []
+    for path in _python_files("tests"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            offenders += [
+                f"{path.relative_to(ROOT)}: {name}"
+                for name in names
+                if name.split(".")[-1].startswith("test_") or name.split(".")[-1] == "conftest"
+            ]
+    assert offenders == [], "shared test code belongs in helper modules: " + ", ".join(offenders)

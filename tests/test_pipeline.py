@@ -19,7 +19,7 @@ from segmentation.look_ahead import BackgroundDecoder, LookAhead
 from segmentation.pipeline import GroundedSAM
 from segmentation.sam import BoxSegmenter
 from segmentation.tiny_models import tiny_detector, tiny_sam
-from tests.test_sam import _BoxesAsPrompts, _PaintBoxes
+from tests.sam_stand_ins import BoxesAsPrompts, PaintBoxes
 
 PROMPT = "a cat . a remote control ."
 
@@ -180,7 +180,7 @@ class StubDetector:
 
 def painting_segmenter():
     sam = tiny_sam()
-    sam.prompt_encoder, sam.mask_decoder = _BoxesAsPrompts(), _PaintBoxes()
+    sam.prompt_encoder, sam.mask_decoder = BoxesAsPrompts(), PaintBoxes()
     return BoxSegmenter(sam)
 
 

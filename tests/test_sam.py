@@ -9,12 +9,12 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import segmentation.sam as sam_module
 from grounding.hub import OfflineError
 from segmentation.sam import BoxSegmenter, build_sam, sam_checkpoint
 from segmentation.tiny_models import tiny_sam
+from tests.sam_stand_ins import BoxesAsPrompts, PaintBoxes
 
 FILENAME = "sam_vit_b_01ec64.pth"
 URL = "https://dl.fbaipublicfiles.com/segment_anything/" + FILENAME
@@ -212,34 +212,10 @@ def test_segment_before_an_image_is_a_clear_error():
         BoxSegmenter(tiny_sam()).set_image(np.zeros((10, 10), np.uint8))
 
 
-class _BoxesAsPrompts(nn.Module):
-    """Stands in for the prompt encoder: hands the (resized) boxes straight to the decoder."""
-
-    def forward(self, points, boxes, masks):
-        return boxes, None
-
-    def get_dense_pe(self):
-        return None
-
-
-class _PaintBoxes(nn.Module):
-    """Stands in for the mask decoder: low-res logits = signed distance to each box's edge
-    (positive inside), so the upscaled mask's edge is the box's edge."""
-
-    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings,
-                dense_prompt_embeddings, multimask_output):
-        boxes = sparse_prompt_embeddings  # (n, 4) in the 1024 frame; logits are 256 x 256
-        centres = (torch.arange(256, dtype=torch.float32) + 0.5) * 4
-        inside_x = torch.minimum(centres - boxes[:, 0, None], boxes[:, 2, None] - centres)
-        inside_y = torch.minimum(centres - boxes[:, 1, None], boxes[:, 3, None] - centres)
-        distance = torch.minimum(inside_y[:, :, None], inside_x[:, None, :])  # (n, 256, 256)
-        return distance[:, None], torch.ones(len(boxes), 1)
-
-
 def test_masks_land_on_the_box_pixels(image):
     """The whole coordinate chain: box -> 1024 frame -> low-res logits -> image pixels."""
     sam = tiny_sam()
-    sam.prompt_encoder, sam.mask_decoder = _BoxesAsPrompts(), _PaintBoxes()
+    sam.prompt_encoder, sam.mask_decoder = BoxesAsPrompts(), PaintBoxes()
     segmenter = BoxSegmenter(sam)
     segmenter.set_image(image)
     masks, _ = segmenter.segment(BOXES[:3])

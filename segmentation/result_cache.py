@@ -20,6 +20,7 @@ import numpy as np
 
 from grounding import RawPrediction
 from segmentation.cache import ByteLRU
+from segmentation.masks import true_window
 from segmentation.sam import ImageEmbedding
 
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -41,11 +42,11 @@ class MaskEntry:
     @classmethod
     def of(cls, mask: np.ndarray, score: float) -> MaskEntry:
         """The entry of an (H, W) bool mask."""
-        rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if len(rows) == 0:
+        window = true_window(mask)
+        if window is None:
             return cls(0, 0, np.zeros((0, 0), dtype=bool), score)
-        top, bottom, left, right = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
-        return cls(int(top), int(left), mask[top:bottom, left:right].copy(), score)
+        rows, columns = window
+        return cls(rows.start, columns.start, mask[window].copy(), score)
 
     def paste(self, mask: np.ndarray) -> None:
         """Write this mask into `mask`, an (H, W) bool array of False."""

@@ -239,16 +239,8 @@ def build_stages(args, device, image, hf_model, processor, detector, sam) -> lis
         found = processor.post_process_grounded_object_detection(
             outputs, inputs["input_ids"], threshold=threshold, text_threshold=TEXT_THRESHOLD,
             target_sizes=[(height, width)])[0]
-        found_boxes = found["boxes"].clone()
-        found_boxes[:, 0::2] = found_boxes[:, 0::2].clamp(0, width)
-        found_boxes[:, 1::2] = found_boxes[:, 1::2].clamp(0, height)
-        predictor.set_image(image)
-        prompts = predictor.transform.apply_boxes_torch(found_boxes, (height, width))
-        with torch.inference_mode():
-            masks, _, _ = predictor.predict_torch(None, None, boxes=prompts,
-                                                  multimask_output=False)
-        return (found_boxes.cpu().numpy(), found["scores"].cpu().numpy(),
-                masks[:, 0].cpu().numpy())
+        found_boxes, masks = peer_boxes_to_masks(predictor, image, found["boxes"])
+        return found_boxes, found["scores"].cpu().numpy(), masks
 
     return [
         Stage("detector forward", lambda: detector.detect(pixels, CAPTION), peer_detect,
@@ -296,6 +288,21 @@ def mask_difference(ours, peer) -> str:
     (ours_masks, ours_scores), (peer_masks, peer_scores) = ours, peer
     differing = int((ours_masks != peer_masks).sum())
     return f"{differing} mask pixels differ; IoU scores {max_abs(ours_scores, peer_scores):.1e}"
+
+
+def peer_boxes_to_masks(predictor, image: np.ndarray, boxes):
+    """The peers' box -> mask chain: boxes (N, 4) x0, y0, x1, y1 clipped to the image,
+    `set_image`, `predict_torch` with `multimask_output=False`; (boxes, masks (N, H, W) bool) as
+    NumPy."""
+    height, width = image.shape[:2]
+    boxes = boxes.clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    predictor.set_image(image)
+    prompts = predictor.transform.apply_boxes_torch(boxes, (height, width))
+    with torch.inference_mode():
+        masks, _, _ = predictor.predict_torch(None, None, boxes=prompts, multimask_output=False)
+    return boxes.cpu().numpy(), masks[:, 0].cpu().numpy()
 
 
 def app_difference(ours, peer) -> str:

@@ -855,15 +855,7 @@ def section_bench(ctx: Context, report: Report, deadline: float) -> None:
             outputs, inputs["input_ids"], threshold=0.0, text_threshold=TEXT_THRESHOLD,
             target_sizes=[(height, width)])[0]
         best = found["scores"].argsort(descending=True)[:BOXES]
-        found_boxes = found["boxes"][best].clone()
-        found_boxes[:, 0::2] = found_boxes[:, 0::2].clamp(0, width)
-        found_boxes[:, 1::2] = found_boxes[:, 1::2].clamp(0, height)
-        predictor.set_image(image)
-        prompts = predictor.transform.apply_boxes_torch(found_boxes, (height, width))
-        with torch.inference_mode():
-            masks, _, _ = predictor.predict_torch(None, None, boxes=prompts,
-                                                  multimask_output=False)
-        return found_boxes.cpu().numpy(), masks[:, 0].cpu().numpy()
+        return peers.peer_boxes_to_masks(predictor, image, found["boxes"][best])
 
     def app_request(segmenter):
         result = fresh_run(ctx, segmenter)

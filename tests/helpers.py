@@ -42,6 +42,29 @@ def tiny_transformers_config(**overrides):
     return GroundingDinoConfig(**settings)
 
 
+def tiny_swin_and_bert():
+    """The smallest transformers SwinConfig (8 wide, one block a stage, stages 2-4 out) and
+    BertConfig (16 wide, one layer, 50 tokens) for per-block comparisons with transformers."""
+    from transformers import BertConfig, SwinConfig
+
+    swin = SwinConfig(
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    bert = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    return swin, bert
+
+
 def random_transformers_model(config, seed: int = 0, noise: float = 0.05):
     """transformers' GroundingDinoForObjectDetection with every parameter perturbed.
 

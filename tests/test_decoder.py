@@ -9,6 +9,7 @@ from grounding.config import GroundingDINOConfig
 from grounding.decoder import HF_RULES, OFFICIAL_RULES, CrossModalityDecoder
 from grounding.heads import MLP
 from grounding.key_mapping import prefixed, rename_state_dict
+from tests.helpers import tiny_swin_and_bert
 from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
 TINY = GroundingDINOConfig(
@@ -35,27 +36,13 @@ def _transformers_decoder():
     """The decoder of a tiny transformers `GroundingDinoModel`, with a shared box head set up as
     `GroundingDinoForObjectDetection` does (`model.decoder.bbox_embed` = the tied per-layer heads,
     all one MLP since `decoder_bbox_embed_share=True`)."""
-    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+    from transformers import GroundingDinoConfig
     from transformers.models.grounding_dino.modeling_grounding_dino import (
         GroundingDinoMLPPredictionHead,
         GroundingDinoModel,
     )
 
-    swin = SwinConfig(
-        embed_dim=8,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 1, 1],
-        window_size=4,
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    bert = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
+    swin, bert = tiny_swin_and_bert()
     config = GroundingDinoConfig(
         backbone_config=swin,
         text_config=bert,

@@ -16,6 +16,7 @@ from grounding.query_selection import (
     QuerySelection,
     encoder_output_proposals,
 )
+from tests.helpers import tiny_swin_and_bert
 from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
 HF_BLOCK_PREFIXES = (
@@ -30,24 +31,10 @@ HF_TINY = replace(TINY, num_queries=10, max_text_len=12)  # as `_tiny_transforme
 
 def _tiny_transformers_model(num_queries: int = 10, max_text_len: int = 12):
     """A tiny random transformers `GroundingDinoModel` (d_model 32 for GroupNorm(32))."""
-    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+    from transformers import GroundingDinoConfig
     from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoModel
 
-    swin = SwinConfig(
-        embed_dim=8,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 1, 1],
-        window_size=4,
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    bert = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
+    swin, bert = tiny_swin_and_bert()
     config = GroundingDinoConfig(
         backbone_config=swin,
         text_config=bert,

@@ -2,98 +2,30 @@
 
 Both paths are pure functions from a file to a strictly loaded model: every checkpoint key must map
 to one of our parameters or buffers (or be on a short, documented drop list) and every one of ours
-must be filled. The rename rules live next to the modules they describe; this file lifts them to
-full keys.
-
-Official `.pth` (`{"model": state_dict}`): SwinT-OGC keys carry a `module.` prefix, SwinB's do not;
-the shared decoder box head is stored under `bbox_embed.{i}` and
-`transformer.decoder.bbox_embed.{i}`.
-
-transformers format (`config.json` + `model.safetensors`, as `IDEA-Research/grounding-dino-tiny`
-publishes): files saved by transformers 4.x name the Swin backbone the old way
-(`conv_encoder.model.encoder...attention.self.query`); `_LEGACY_TRANSFORMERS_RULES` brings them to
-the current names first, as transformers' own conversion mapping does.
+must be filled. The rename rules of each format live in one module, as timm's
+`checkpoint_filter_fn`: `official_format.official_rules` for the official `.pth`
+(`{"model": state_dict}`; SwinT-OGC's keys carry a `module.` prefix, SwinB's do not) and
+`transformers_keys.transformers_rules` for the transformers format (`config.json` +
+`model.safetensors`, as `IDEA-Research/grounding-dino-tiny` publishes), whose 4.x names
+`transformers_keys.modernise_transformers_keys` brings up to date first.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from grounding import decoder, feature_enhancer, image_backbone, query_selection, text_backbone
 from grounding.config import GroundingDINOConfig, from_transformers_config
-from grounding.key_mapping import KeyMappingError, Rule, prefixed, rename_state_dict
+from grounding.key_mapping import KeyMappingError, rename_state_dict
+from grounding.official_format import official_rules
+from grounding.transformers_keys import modernise_transformers_keys, transformers_rules
 
 if TYPE_CHECKING:
     from grounding.model import GroundingDINO
-
-_IDENTITY: list[Rule] = [(r"(.*)", r"\1")]
-
-
-def official_rules(config: GroundingDINOConfig) -> list[Rule]:
-    """Rules from official checkpoint keys (without `module.`) to ours."""
-    return [
-        # The shared box head, under both of its official names (checked equal when aliased).
-        (
-            r"(?:transformer\.decoder\.)?bbox_embed\.\d+\.(layers\.\d+\.(?:weight|bias))",
-            r"bbox_embed.\1",
-        ),
-        *prefixed("backbone.0.", "backbone.", image_backbone.official_rules(config.backbone)),
-        *prefixed("input_proj.", "input_proj.", _IDENTITY),
-        (r"transformer\.level_embed", "level_embed"),
-        *text_backbone.OFFICIAL_RULES,
-        *prefixed("transformer.encoder.", "feature_enhancer.", feature_enhancer.OFFICIAL_RULES),
-        *prefixed("transformer.decoder.", "decoder.", decoder.OFFICIAL_RULES),
-        *prefixed("transformer.", "query_selection.", query_selection.OFFICIAL_RULES),
-    ]
-
-
-def transformers_rules(config: GroundingDINOConfig) -> list[Rule]:
-    """Rules from transformers `GroundingDinoForObjectDetection` keys (current names) to ours."""
-    return [
-        (r"(?:model\.decoder\.)?bbox_embed\.\d+\.(layers\.\d+\.(?:weight|bias))", r"bbox_embed.\1"),
-        *prefixed(
-            "model.backbone.conv_encoder.model.",
-            "backbone.",
-            image_backbone.hf_rules(config.backbone),
-        ),
-        *prefixed("model.input_proj_vision.", "input_proj.", _IDENTITY),
-        (r"model\.level_embed", "level_embed"),
-        *text_backbone.HF_RULES,
-        *prefixed("model.encoder.", "feature_enhancer.", feature_enhancer.HF_RULES),
-        *prefixed("model.decoder.", "decoder.", decoder.HF_RULES),
-        *prefixed("model.", "query_selection.", query_selection.HF_RULES),
-    ]
-
-
-# transformers 4.x names of the Swin backbone -> the names transformers 5 uses.
-_LEGACY_TRANSFORMERS_RULES: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
-    (r"conv_encoder\.model\.(embeddings|encoder)\.", r"conv_encoder.model.swin.\1."),
-    (
-        r"attention\.self\.relative_position_bias_table",
-        "attention.relative_position_bias.relative_position_bias_table",
-    ),
-    (r"attention\.self\.(query|key|value)\.", lambda m: f"attention.{m.group(1)[0]}_proj."),
-    (r"attention\.output\.dense\.", "attention.o_proj."),
-    (r"(blocks\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
-    (r"(blocks\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
-]
-# Buffers that older files persisted and that are recomputed from the config.
-_LEGACY_DROPPED = re.compile(r".*(relative_position_index|embeddings\.position_ids)")
-
-
-def _modernise_transformers_key(key: str) -> str:
-    if not key.startswith("model.backbone."):
-        return key
-    for pattern, replacement in _LEGACY_TRANSFORMERS_RULES:
-        key = re.sub(pattern, replacement, key)
-    return key
 
 
 def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -138,11 +70,7 @@ def load_transformers(model: GroundingDINO, directory: str | Path) -> dict[str, 
     path = Path(directory) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    state_dict = {
-        _modernise_transformers_key(key): value
-        for key, value in load_file(str(path), device="cpu").items()
-        if not _LEGACY_DROPPED.fullmatch(key)
-    }
+    state_dict = modernise_transformers_keys(load_file(str(path), device="cpu"))
     renamed = rename_state_dict(state_dict, transformers_rules(model.config))
     load_strict(model, renamed, source=str(path))
     return {"checkpoint_keys": len(state_dict), "loaded_tensors": len(renamed)}

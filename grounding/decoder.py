@@ -27,44 +27,7 @@ from grounding.box_ops import inverse_sigmoid
 from grounding.config import GroundingDINOConfig
 from grounding.deformable_attention import MultiScaleDeformableAttention
 from grounding.heads import MLP
-from grounding.key_mapping import Rule
 from grounding.position_encoding import box_position_embedding
-
-
-def _packed_attention_rules(hf_name: str, our_name: str) -> list[Rule]:
-    """transformers' split query/key/value projections -> one `nn.MultiheadAttention`."""
-    layer = r"layers\.(\d+)\."
-    return [
-        *[
-            (
-                layer + rf"{hf_name}\.{part}\.(weight|bias)",
-                rf"layers.\1.{our_name}.in_proj_\2#{tag}",
-            )
-            for part, tag in (("query", "q"), ("key", "k"), ("value", "v"))
-        ],
-        (layer + rf"{hf_name}\.out_proj\.(weight|bias)", rf"layers.\1.{our_name}.out_proj.\2"),
-    ]
-
-
-# Keys relative to transformers' `model.decoder.` and to our `decoder.` prefix. The shared box head
-# (`bbox_embed.{i}`) is not part of this block: the model owns it.
-HF_RULES: list[Rule] = [
-    *_packed_attention_rules("self_attn", "self_attn"),
-    *_packed_attention_rules("encoder_attn_text", "ca_text"),
-    (r"layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"layers.\1.norm2.\2"),
-    (r"layers\.(\d+)\.encoder_attn_text_layer_norm\.(weight|bias)", r"layers.\1.catext_norm.\2"),
-    (r"layers\.(\d+)\.encoder_attn\.(\w+\.(?:weight|bias))", r"layers.\1.cross_attn.\2"),
-    (r"layers\.(\d+)\.encoder_attn_layer_norm\.(weight|bias)", r"layers.\1.norm1.\2"),
-    (r"layers\.(\d+)\.fc([12])\.(weight|bias)", r"layers.\1.linear\2.\3"),
-    (r"layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"layers.\1.norm3.\2"),
-    (r"layer_norm\.(weight|bias)", r"norm.\1"),
-    (r"reference_points_head\.(layers\.\d+\.(?:weight|bias))", r"ref_point_head.\1"),
-]
-# Keys relative to the official `transformer.decoder.` and to our `decoder.` prefix (identity;
-# `bbox_embed.{i}` is left to the model's rules).
-OFFICIAL_RULES: list[Rule] = [
-    (r"((?:layers\.\d+|norm|ref_point_head)\..+)", r"\1"),
-]
 
 
 class CrossModalityDecoderLayer(nn.Module):

@@ -10,7 +10,8 @@ Every layer runs, in this order:
 
 Mask polarity: `*_padding_mask` True = ignore; `text_token_mask` True = real token;
 `text_self_attention_mask` True = may attend. Module names follow the official checkpoint
-(`transformer.encoder.{layers,text_layers,fusion_layers}`), see `OFFICIAL_RULES` / `HF_RULES`.
+(`transformer.encoder.{layers,text_layers,fusion_layers}`); transformers' names are renamed by
+`transformers_keys`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from torch import Tensor, nn
 
 from .config import GroundingDINOConfig
 from .deformable_attention import MultiScaleDeformableAttention
-from .key_mapping import Rule
 from .position_encoding import text_position_embedding
 
 # Scores of the fusion attention are clamped to +-this before the softmaxes (float16 range).
@@ -399,54 +399,3 @@ class FeatureEnhancer(nn.Module):
                 vision, vision_pos, reference_points, spatial_shapes, vision_padding_mask
             )
         return vision, text
-
-
-# Keys relative to transformers' `model.encoder.` -> ours relative to `feature_enhancer.`.
-_LAYER = r"layers\.(\d+)\."
-HF_RULES: list[Rule] = [
-    (_LAYER + r"deformable_layer\.self_attn\.(.+)", r"layers.\1.self_attn.\2"),
-    (_LAYER + r"deformable_layer\.self_attn_layer_norm\.(.+)", r"layers.\1.norm1.\2"),
-    (_LAYER + r"deformable_layer\.fc1\.(.+)", r"layers.\1.linear1.\2"),
-    (_LAYER + r"deformable_layer\.fc2\.(.+)", r"layers.\1.linear2.\2"),
-    (_LAYER + r"deformable_layer\.final_layer_norm\.(.+)", r"layers.\1.norm2.\2"),
-    (
-        _LAYER + r"text_enhancer_layer\.self_attn\.query\.(weight|bias)",
-        r"text_layers.\1.self_attn.in_proj_\2#q",
-    ),
-    (
-        _LAYER + r"text_enhancer_layer\.self_attn\.key\.(weight|bias)",
-        r"text_layers.\1.self_attn.in_proj_\2#k",
-    ),
-    (
-        _LAYER + r"text_enhancer_layer\.self_attn\.value\.(weight|bias)",
-        r"text_layers.\1.self_attn.in_proj_\2#v",
-    ),
-    (
-        _LAYER + r"text_enhancer_layer\.self_attn\.out_proj\.(.+)",
-        r"text_layers.\1.self_attn.out_proj.\2",
-    ),
-    (_LAYER + r"text_enhancer_layer\.fc1\.(.+)", r"text_layers.\1.linear1.\2"),
-    (_LAYER + r"text_enhancer_layer\.fc2\.(.+)", r"text_layers.\1.linear2.\2"),
-    # transformers' layer_norm_before follows the attention (= norm1), _after the FFN (= norm2)
-    (_LAYER + r"text_enhancer_layer\.layer_norm_before\.(.+)", r"text_layers.\1.norm1.\2"),
-    (_LAYER + r"text_enhancer_layer\.layer_norm_after\.(.+)", r"text_layers.\1.norm2.\2"),
-    (_LAYER + r"fusion_layer\.vision_param", r"fusion_layers.\1.gamma_v"),
-    (_LAYER + r"fusion_layer\.text_param", r"fusion_layers.\1.gamma_l"),
-    (_LAYER + r"fusion_layer\.layer_norm_vision\.(.+)", r"fusion_layers.\1.layer_norm_v.\2"),
-    (_LAYER + r"fusion_layer\.layer_norm_text\.(.+)", r"fusion_layers.\1.layer_norm_l.\2"),
-    (_LAYER + r"fusion_layer\.attn\.vision_proj\.(.+)", r"fusion_layers.\1.attn.v_proj.\2"),
-    (_LAYER + r"fusion_layer\.attn\.text_proj\.(.+)", r"fusion_layers.\1.attn.l_proj.\2"),
-    (
-        _LAYER + r"fusion_layer\.attn\.values_vision_proj\.(.+)",
-        r"fusion_layers.\1.attn.values_v_proj.\2",
-    ),
-    (
-        _LAYER + r"fusion_layer\.attn\.values_text_proj\.(.+)",
-        r"fusion_layers.\1.attn.values_l_proj.\2",
-    ),
-    (_LAYER + r"fusion_layer\.attn\.out_vision_proj\.(.+)", r"fusion_layers.\1.attn.out_v_proj.\2"),
-    (_LAYER + r"fusion_layer\.attn\.out_text_proj\.(.+)", r"fusion_layers.\1.attn.out_l_proj.\2"),
-]
-
-# Keys relative to the official `transformer.encoder.`: our names are the official ones.
-OFFICIAL_RULES: list[Rule] = [(r"(.*)", r"\1")]

@@ -17,8 +17,9 @@ Deviations from timm's `SwinTransformer` (1.0.31), needed to match the reference
   window // 2. We build timm with `always_partition=True`.
 - Input padding. timm's `PatchEmbed` rejects sizes that are not a multiple of the patch size; the
   reference zero-pads the image on the right/bottom first. `ImageBackbone.forward` pads.
-- Taps. timm runs each patch merging at the start of the next stage, so timm stage i's output is
-  the reference's stage-i output before its downsample. We iterate the stages and apply our
+- Taps. timm runs each patch merging at the start of the next stage, so timm stage i's output is the
+  reference's stage-i output before its downsample (the checkpoint rules in `official_format` and
+  `transformers_keys` move the patch-merging keys one stage on). We iterate the stages and apply our
   `norms` to the taps (NHWC), then return NCHW maps. timm's final `norm` and classifier head are
   unused and replaced by `nn.Identity` so the module holds only checkpoint tensors.
 
@@ -29,7 +30,6 @@ position index follows the Swin paper; the stage drop-path schedule is linear ov
 
 from __future__ import annotations
 
-import re
 from typing import cast
 
 import torch
@@ -44,7 +44,6 @@ from timm.models.swin_transformer import (
 from torch import nn
 
 from grounding.config import SwinConfig
-from grounding.key_mapping import Rule
 
 
 class _ReferenceSwinBlock(SwinTransformerBlock):
@@ -142,66 +141,3 @@ class ImageBackbone(nn.Module):
                 normed = self.norms[out_indices.index(stage_index)](x)
                 features.append(normed.permute(0, 3, 1, 2).contiguous())  # (B, C_i, H_i, W_i)
         return features
-
-
-def official_rules(config: SwinConfig) -> list[Rule]:
-    """Rules for official keys relative to `backbone.0.`, giving names relative to `backbone.`.
-
-    The official layout keeps each patch merging at the end of its stage (`layers.{i}.downsample`);
-    timm keeps it at the start of the next one (`layers.{i+1}.downsample`). The official
-    `relative_position_index` buffers are dropped: they are the Swin paper's index, a function of
-    the window size only, which timm recomputes and does not persist (its buffer is
-    non-persistent, so it is not in our state dict).
-    """
-    rules: list[Rule] = [
-        (r"patch_embed\.(.*)", r"swin.patch_embed.\1"),
-        (r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_index", None),
-        (r"layers\.(\d+)\.blocks\.(.*)", r"swin.layers.\1.blocks.\2"),
-        (r"layers\.(\d+)\.downsample\.(.*)", _shift_downsample),
-    ]
-    rules += [
-        (rf"norm{stage}\.(weight|bias)", rf"norms.{j}.\1")
-        for j, stage in enumerate(config.out_indices)
-    ]
-    return rules
-
-
-def hf_rules(config: SwinConfig) -> list[Rule]:
-    """Rules for transformers keys relative to `model.backbone.conv_encoder.model.` (a
-    `SwinBackbone`), giving names relative to `backbone.`.
-
-    transformers splits timm's packed `attn.qkv` into q/k/v projections (packed back by `#q/#k/#v`),
-    counts the patch embedding as stage 0 (`hidden_states_norms.stage{i+1}` norms our stage i) and,
-    like the reference, keeps patch merging at the end of a stage. `swin.layernorm` (SwinModel's
-    final norm) is never applied by `SwinBackbone` and has no reference counterpart: dropped.
-    """
-    block = r"swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
-    ours = r"swin.layers.\1.blocks.\2."
-    rules: list[Rule] = [
-        (
-            r"swin\.embeddings\.patch_embeddings\.projection\.(weight|bias)",
-            r"swin.patch_embed.proj.\1",
-        ),
-        (r"swin\.embeddings\.norm\.(weight|bias)", r"swin.patch_embed.norm.\1"),
-        (block + r"attention\.([qkv])_proj\.(weight|bias)", ours + r"attn.qkv.\4#\3"),
-        (block + r"attention\.o_proj\.(weight|bias)", ours + r"attn.proj.\3"),
-        (
-            block + r"attention\.relative_position_bias\.relative_position_bias_table",
-            ours + "attn.relative_position_bias_table",
-        ),
-        (block + r"layernorm_before\.(weight|bias)", ours + r"norm1.\3"),
-        (block + r"layernorm_after\.(weight|bias)", ours + r"norm2.\3"),
-        (block + r"mlp\.(fc1|fc2)\.(weight|bias)", ours + r"mlp.\3.\4"),
-        (r"swin\.encoder\.layers\.(\d+)\.downsample\.(.*)", _shift_downsample),
-        (r"swin\.layernorm\.(weight|bias)", None),
-    ]
-    rules += [
-        (rf"hidden_states_norms\.stage{stage + 1}\.(weight|bias)", rf"norms.{j}.\1")
-        for j, stage in enumerate(config.out_indices)
-    ]
-    return rules
-
-
-def _shift_downsample(match: re.Match) -> str:
-    """Downsample `(stage, rest)` at the end of a stage -> timm's at the start of the next."""
-    return f"swin.layers.{int(match.group(1)) + 1}.downsample.{match.group(2)}"

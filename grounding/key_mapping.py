@@ -1,5 +1,7 @@
 """Renaming foreign state dicts (official `.pth`, transformers format) into our module names.
 
+The rules of each format are in `official_format` and `transformers_keys`; this module applies them.
+
 A rule is `(pattern, replacement)`: a regular expression matched against the whole key and a
 replacement string or callable, as for `re.sub`. The first matching rule wins; a key that no rule
 matches is an error (strict loading, never `strict=False`). A replacement may end in `#q`, `#k` or
@@ -82,24 +84,3 @@ def _put(renamed: dict, sources: dict, target: str, tensor: torch.Tensor, source
         return
     renamed[target] = tensor
     sources[target] = source
-
-
-def prefixed(prefix: str, target_prefix: str, rules: Iterable[Rule]) -> list[Rule]:
-    """Rules of one block lifted to full keys: `prefix + key` becomes `target_prefix + new key`.
-
-    Patterns and callables of `rules` see the key relative to `prefix`.
-    """
-    lifted: list[Rule] = []
-    for pattern, replacement in rules:
-        if replacement is None:
-            lifted.append((re.escape(prefix) + pattern, None))
-            continue
-        relative = re.compile(pattern)
-
-        def lift(match: re.Match, relative=relative, replacement=replacement) -> str:
-            inner = relative.fullmatch(match.group(0)[len(prefix) :])
-            new = replacement(inner) if callable(replacement) else inner.expand(replacement)
-            return target_prefix + new
-
-        lifted.append((re.escape(prefix) + pattern, lift))
-    return lifted

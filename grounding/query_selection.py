@@ -20,22 +20,6 @@ from torch import nn
 
 from grounding.config import GroundingDINOConfig
 from grounding.heads import MLP, ContrastiveHead
-from grounding.key_mapping import Rule
-
-# Keys relative to transformers' `model.` and to our `query_selection.` prefix. The patterns only
-# match this block's keys, so they can be lifted next to the other blocks' rules.
-HF_RULES: list[Rule] = [
-    (r"enc_output\.(weight|bias)", r"enc_output.\1"),
-    (r"enc_output_norm\.(weight|bias)", r"enc_output_norm.\1"),
-    (r"encoder_output_bbox_embed\.(layers\.\d+\.(?:weight|bias))", r"enc_out_bbox_embed.\1"),
-    (r"query_position_embeddings\.weight", "tgt_embed.weight"),
-]
-# Keys relative to the official `transformer.` and to our `query_selection.` prefix (identity).
-OFFICIAL_RULES: list[Rule] = [
-    (r"((?:enc_output|enc_output_norm)\.(?:weight|bias))", r"\1"),
-    (r"(enc_out_bbox_embed\.layers\.\d+\.(?:weight|bias))", r"\1"),
-    (r"tgt_embed\.weight", "tgt_embed.weight"),
-]
 
 _PROPOSAL_MIN_SIZE = 0.05  # anchor width and height at level 0, doubled at each further level
 _PROPOSAL_VALID_RANGE = (0.01, 0.99)

@@ -4,7 +4,7 @@ The reference (`bertwarper.py:17-166` `BertModelWarper`, `groundingdino.py:113, 
 bert-base-uncased BERT with the phrase-block mask and per-phrase position ids of
 `grounding.text_masks`, then a Linear `feat_map` (768 -> 256). We build BERT from a config (never
 `from_pretrained`: the weights come with our checkpoint) and drop its pooler, which the reference
-computes but never uses.
+computes but never uses (`official_format` drops its weights on load).
 
 transformers 5 removed the `get_extended_attention_mask` helpers the reference borrowed, so the
 3-D mask is made additive here: 0 where attention is allowed, the dtype's most negative value
@@ -22,25 +22,6 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 
 from grounding.config import GroundingDINOConfig
-from grounding.key_mapping import Rule
-
-# Full transformers keys (`GroundingDinoForObjectDetection`) -> full keys of our detector, whose
-# text backbone lives at `text_backbone`. Used unprefixed.
-# (transformers' GroundingDino port, 4.40 and later, never persisted BERT's position_ids.)
-HF_RULES: list[Rule] = [
-    (r"model\.text_backbone\.(.*)", r"text_backbone.bert.\1"),
-    (r"model\.text_projection\.(weight|bias)", r"text_backbone.projection.\1"),
-]
-
-# Full official keys (after stripping `module.`) -> full keys of our detector. Used unprefixed.
-OFFICIAL_RULES: list[Rule] = [
-    # The reference builds BertModel with its pooler but never uses its output.
-    (r"bert\.pooler\..*", None),
-    # Persisted by the transformers versions the official checkpoints were saved with.
-    (r"bert\.embeddings\.position_ids", None),
-    (r"bert\.(.*)", r"text_backbone.bert.\1"),
-    (r"feat_map\.(weight|bias)", r"text_backbone.projection.\1"),
-]
 
 
 class TextBackbone(nn.Module):

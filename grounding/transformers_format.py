@@ -8,10 +8,10 @@ and `processor_config.json`. `grounding.load_detector(directory)`,
 How the names are found. Inverting the loader's regular-expression rules in general is impractical
 (callable replacements, alternations, `#q/#k/#v` packing). Instead transformers' model is built on
 the meta device (no memory) from the config, every key of its state dict is run forward through the
-loader's own rules (`checkpoint.transformers_rules`), and the resulting map transformers key -> (our
-key, q/k/v third) is read backwards. The saver therefore covers exactly what the loader reads and
-needs no second table; it checks that every transformers tensor has a source of the right shape
-and that every tensor of ours is written.
+loader's own rules (`transformers_keys.transformers_rules`), and the resulting map transformers key
+-> (our key, q/k/v third) is read backwards. The saver therefore covers exactly what the loader
+reads and needs no second table; it checks that every transformers tensor has a source of the right
+shape and that every tensor of ours is written.
 
 How the files are written. The meta model's own `save_pretrained(state_dict=...)` writes them, so
 they are exactly what transformers writes for this architecture:
@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from grounding.checkpoint import transformers_rules
 from grounding.config import GroundingDINOConfig
 from grounding.key_mapping import KeyMappingError
 from grounding.model import GroundingDINO
 from grounding.predictor import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE, Detector
+from grounding.transformers_keys import transformers_rules
 
 if TYPE_CHECKING:
     from transformers import GroundingDinoForObjectDetection

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from grounding.key_mapping import rename_state_dict
 from tests.key_lists import VOCAB_FILE, constant_state_dict, read_key_list
 
 
@@ -102,6 +103,18 @@ def constant_official_state_dict(name: str) -> dict[str, torch.Tensor]:
                 _, rest = key[len(prefix) :].split(".", 1)
                 state_dict[key] = state_dict["bbox_embed.0." + rest]
     return state_dict
+
+
+def rename_block(
+    block_state: dict[str, torch.Tensor], rules, prefix: str, target_prefix: str
+) -> dict[str, torch.Tensor]:
+    """One block's state dict renamed by a format's full-key rules (`official_rules`,
+    `transformers_rules`): its keys get the format's `prefix`, and the renamed keys, which must all
+    lie under our `target_prefix`, lose it."""
+    renamed = rename_state_dict({prefix + key: value for key, value in block_state.items()}, rules)
+    outside = sorted(key for key in renamed if not key.startswith(target_prefix))
+    assert not outside, f"keys renamed outside {target_prefix}: {outside[:5]}"
+    return {key[len(target_prefix) :]: value for key, value in renamed.items()}
 
 
 # A fake Hub revision for the tests that build a local Hub cache.

@@ -1,15 +1,15 @@
 """Cross-modality decoder: parity with transformers, padding invariance, official key layout."""
 
-import re
-
 import torch
 from torch import nn
 
 from grounding.config import GroundingDINOConfig
-from grounding.decoder import HF_RULES, OFFICIAL_RULES, CrossModalityDecoder
+from grounding.decoder import CrossModalityDecoder
 from grounding.heads import MLP
-from grounding.key_mapping import prefixed, rename_state_dict
-from tests.helpers import tiny_swin_and_bert
+from grounding.key_mapping import rename_state_dict
+from grounding.official_format import official_rules
+from grounding.transformers_keys import transformers_rules
+from tests.helpers import rename_block, tiny_swin_and_bert
 from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
 TINY = GroundingDINOConfig(
@@ -70,7 +70,8 @@ def _transformers_decoder():
 def _ours_from_transformers(hf_decoder, hf_box_head) -> tuple[CrossModalityDecoder, MLP]:
     block = {k: v for k, v in hf_decoder.state_dict().items() if not k.startswith("bbox_embed.")}
     decoder = CrossModalityDecoder(TINY).eval()
-    decoder.load_state_dict(rename_state_dict(block, HF_RULES), strict=True)
+    renamed = rename_block(block, transformers_rules(TINY), "model.decoder.", "decoder.")
+    decoder.load_state_dict(renamed, strict=True)
     box_head = MLP(32, 32, 4, 3).eval()
     box_head.load_state_dict(hf_box_head.state_dict(), strict=True)
     return decoder, box_head
@@ -229,9 +230,11 @@ def test_official_rules_match_the_official_key_list():
         for key, shape in key_shapes(SWINT_OGC_KEYS, prefix).items()
         if not key.startswith(prefix + "bbox_embed.")
     }
-    lifted = prefixed(prefix, "", OFFICIAL_RULES)
-    assert not re.fullmatch(lifted[0][0], prefix + "bbox_embed.0.layers.0.weight")
-    renamed = rename_state_dict(tensors, lifted)
+    rules = official_rules(GroundingDINOConfig())
+    # The decoder's box-head keys go to the model's shared head, not into this block.
+    box_head = rename_state_dict({prefix + "bbox_embed.0.layers.0.weight": torch.zeros(1)}, rules)
+    assert list(box_head) == ["bbox_embed.layers.0.weight"]
+    renamed = rename_block(tensors, rules, "", "decoder.")
     ours = CrossModalityDecoder(GroundingDINOConfig()).state_dict()
     assert {k: tuple(v.shape) for k, v in renamed.items()} == {
         k: tuple(v.shape) for k, v in ours.items()

@@ -7,8 +7,10 @@ import torch
 from transformers import BertConfig, GroundingDinoConfig, GroundingDinoModel, SwinConfig
 
 from grounding.config import GroundingDINOConfig
-from grounding.feature_enhancer import HF_RULES, OFFICIAL_RULES, FeatureEnhancer
-from grounding.key_mapping import prefixed, rename_state_dict
+from grounding.feature_enhancer import FeatureEnhancer
+from grounding.official_format import official_rules
+from grounding.transformers_keys import transformers_rules
+from tests.helpers import rename_block
 from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
 HIDDEN = 32
@@ -64,14 +66,12 @@ def hf_encoder():
 
 @pytest.fixture(scope="module")
 def ours(hf_encoder):
-    """Our enhancer with the transformers weights, loaded through HF_RULES, strictly."""
+    """Our enhancer with the transformers weights, loaded through `transformers_rules`, strictly."""
     model = FeatureEnhancer(OURS).eval()
-    rules = prefixed("model.encoder.", "feature_enhancer.", HF_RULES)
-    renamed = rename_state_dict(
-        {f"model.encoder.{k}": v for k, v in hf_encoder.state_dict().items()}, rules
+    renamed = rename_block(
+        hf_encoder.state_dict(), transformers_rules(OURS), "model.encoder.", "feature_enhancer."
     )
-    prefix = "feature_enhancer."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in renamed.items()}, strict=True)
+    model.load_state_dict(renamed, strict=True)
     return model
 
 
@@ -305,8 +305,9 @@ def test_official_rules_match_checkpoint_layout():
     shapes = key_shapes(SWINT_OGC_KEYS, prefix)
     checkpoint = {key: torch.zeros(shape) for key, shape in shapes.items()}
     assert len(checkpoint) == 276
-    renamed = rename_state_dict(checkpoint, prefixed(prefix, "", OFFICIAL_RULES))
-    model = FeatureEnhancer(GroundingDINOConfig())
+    config = GroundingDINOConfig()
+    renamed = rename_block(checkpoint, official_rules(config), "", "feature_enhancer.")
+    model = FeatureEnhancer(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in renamed.items()} == expected
     model.load_state_dict(renamed, strict=True)

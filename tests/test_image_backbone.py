@@ -8,9 +8,16 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from transformers import GroundingDinoConfig, GroundingDinoModel
 from transformers import SwinConfig as HFSwinConfig
 
-from grounding.config import SwinConfig, from_transformers_config, swinb_cogcoor
-from grounding.image_backbone import ImageBackbone, hf_rules, official_rules
-from grounding.key_mapping import rename_state_dict
+from grounding.config import (
+    GroundingDINOConfig,
+    SwinConfig,
+    from_transformers_config,
+    swinb_cogcoor,
+)
+from grounding.image_backbone import ImageBackbone
+from grounding.official_format import official_rules
+from grounding.transformers_keys import transformers_rules
+from tests.helpers import rename_block
 from tests.key_lists import read_key_list
 
 # (embed_dim, depths, num_heads, window_size): shifted blocks in every stage with window 4, and
@@ -63,9 +70,13 @@ def backbones(request):
     config = from_transformers_config(hf_config.to_dict()).backbone
     ours = ImageBackbone(config).eval()
     # conv_encoder.model is what the full model prefixes `model.backbone.conv_encoder.model.`.
-    ours.load_state_dict(
-        rename_state_dict(conv_encoder.model.state_dict(), hf_rules(config)), strict=True
+    renamed = rename_block(
+        conv_encoder.model.state_dict(),
+        transformers_rules(GroundingDINOConfig(backbone=config)),
+        "model.backbone.conv_encoder.model.",
+        "backbone.",
     )
+    ours.load_state_dict(renamed, strict=True)
     return conv_encoder, ours
 
 
@@ -142,7 +153,8 @@ def _official_backbone_state(key_file):
 )
 def test_official_layout_loads_strictly(key_file, config):
     official = _official_backbone_state(key_file)
-    renamed = rename_state_dict(official, official_rules(config))
+    rules = official_rules(GroundingDINOConfig(backbone=config))
+    renamed = rename_block(official, rules, "backbone.0.", "backbone.")
     with torch.device("meta"):  # layout only: skip the random initialisation
         backbone = ImageBackbone(config)
     assert renamed.keys() == backbone.state_dict().keys()

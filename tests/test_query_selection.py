@@ -1,7 +1,6 @@
 """Language-guided query selection and the contrastive head: parity with transformers, planted
 tokens, padding invariance, and the official checkpoint layout."""
 
-import re
 from dataclasses import replace
 
 import pytest
@@ -9,14 +8,14 @@ import torch
 
 from grounding.config import GroundingDINOConfig
 from grounding.heads import contrastive_logits
-from grounding.key_mapping import prefixed, rename_state_dict
+from grounding.key_mapping import rename_state_dict
+from grounding.official_format import official_rules
 from grounding.query_selection import (
-    HF_RULES,
-    OFFICIAL_RULES,
     QuerySelection,
     encoder_output_proposals,
 )
-from tests.helpers import tiny_swin_and_bert
+from grounding.transformers_keys import transformers_rules
+from tests.helpers import rename_block, tiny_swin_and_bert
 from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
 HF_BLOCK_PREFIXES = (
@@ -63,7 +62,8 @@ def _tiny_transformers_model(num_queries: int = 10, max_text_len: int = 12):
 def _ours_from_transformers(hf_model, config: GroundingDINOConfig) -> QuerySelection:
     block = {k: v for k, v in hf_model.state_dict().items() if k.startswith(HF_BLOCK_PREFIXES)}
     ours = QuerySelection(config).eval()
-    ours.load_state_dict(rename_state_dict(block, HF_RULES), strict=True)
+    renamed = rename_block(block, transformers_rules(config), "model.", "query_selection.")
+    ours.load_state_dict(renamed, strict=True)
     return ours
 
 
@@ -281,19 +281,15 @@ def test_contrastive_logits_masks_and_pads():
         contrastive_logits(queries, text, token_mask, max_text_len=3)
 
 
-def _official_block_state_dict(prefix: str, rules) -> dict[str, torch.Tensor]:
-    """Zero tensors for the official keys under `prefix` that `rules` name, renamed to ours."""
-    tensors = {key: torch.zeros(shape) for key, shape in key_shapes(SWINT_OGC_KEYS, prefix).items()}
-    lifted = prefixed(prefix, "", rules)
-    named = {
-        k: v for k, v in tensors.items() if any(re.fullmatch(pattern, k) for pattern, _ in lifted)
-    }
-    return rename_state_dict(named, lifted)
-
-
 def test_official_rules_match_the_official_key_list():
     ours = QuerySelection(GroundingDINOConfig()).state_dict()
-    renamed = _official_block_state_dict("transformer.", OFFICIAL_RULES)
+    tensors = {key: torch.zeros(shape) for key, shape in key_shapes(SWINT_OGC_KEYS).items()}
+    prefix = "query_selection."
+    renamed = {
+        key[len(prefix) :]: tensor
+        for key, tensor in rename_state_dict(tensors, official_rules(GroundingDINOConfig())).items()
+        if key.startswith(prefix)
+    }
     assert renamed.keys() == ours.keys()
     assert {k: tuple(v.shape) for k, v in renamed.items()} == {
         k: tuple(v.shape) for k, v in ours.items()

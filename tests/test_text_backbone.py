@@ -14,8 +14,10 @@ from transformers.models.grounding_dino.modeling_grounding_dino import (
 
 from grounding.config import GroundingDINOConfig
 from grounding.key_mapping import rename_state_dict
-from grounding.text_backbone import HF_RULES, OFFICIAL_RULES, TextBackbone
+from grounding.official_format import official_rules
+from grounding.text_backbone import TextBackbone
 from grounding.text_masks import BERT_SPECIAL_TOKEN_IDS, sub_sentence_masks
+from grounding.transformers_keys import transformers_rules
 from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
 TINY_TEXT = dict(
@@ -65,16 +67,17 @@ def hf_model():
 
 @pytest.fixture(scope="module")
 def ours(hf_model):
-    """Our detector's text part, loaded from the HF weights through HF_RULES."""
+    """Our detector's text part, loaded from the HF weights through `transformers_rules`."""
     torch.manual_seed(1)  # different random init, so a missed key would show
-    detector = _Detector(GroundingDINOConfig(text=TINY_TEXT, hidden_dim=HIDDEN_DIM)).eval()
+    config = GroundingDINOConfig(text=TINY_TEXT, hidden_dim=HIDDEN_DIM)
+    detector = _Detector(config).eval()
     # GroundingDinoModel is `model` inside GroundingDinoForObjectDetection.
     hf_state = {
         f"model.{k}": v
         for k, v in hf_model.state_dict().items()
         if k.startswith(("text_backbone.", "text_projection."))
     }
-    detector.load_state_dict(rename_state_dict(hf_state, HF_RULES), strict=True)
+    detector.load_state_dict(rename_state_dict(hf_state, transformers_rules(config)), strict=True)
     return detector.text_backbone
 
 
@@ -175,7 +178,8 @@ def test_official_keys_map_onto_full_size_backbone():
     }
     # Persisted by the transformers versions the official checkpoints were saved with.
     state["bert.embeddings.position_ids"] = torch.arange(512)[None]
-    renamed = rename_state_dict(state, OFFICIAL_RULES)
+    rules = official_rules(GroundingDINOConfig())
+    renamed = rename_state_dict(state, rules)
     assert not any("pooler" in key or key.endswith("position_ids") for key in renamed)
     detector = _Detector(GroundingDINOConfig())
     ours = detector.state_dict()
@@ -186,5 +190,5 @@ def test_official_keys_map_onto_full_size_backbone():
     loaded = detector.state_dict()
     for index, key in enumerate(shapes):
         if not key.startswith("bert.pooler."):
-            target = next(iter(rename_state_dict({key: state[key]}, OFFICIAL_RULES)))
+            target = next(iter(rename_state_dict({key: state[key]}, rules)))
             assert loaded[target].flatten()[0] == index, key

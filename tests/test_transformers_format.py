@@ -13,7 +13,6 @@ import torch
 from safetensors import safe_open
 
 import grounding
-from grounding.checkpoint import transformers_rules
 from grounding.config import BERT_ARCHITECTURE_KEYS, PRESETS, from_transformers_config
 from grounding.key_mapping import KeyMappingError, rename_state_dict
 from grounding.model import build_model
@@ -23,6 +22,7 @@ from grounding.transformers_format import (
     transformers_skeleton,
     transformers_state_dict,
 )
+from grounding.transformers_keys import transformers_rules
 from tests.helpers import (
     random_transformers_model,
     save_transformers_directory,

@@ -2,9 +2,20 @@
 
 Each query looks at `num_points` locations on each of `num_levels` feature maps, per head, around
 its reference point; the sampled values (bilinear, zero outside the map) are averaged with
-softmax weights predicted from the query. The core is `F.grid_sample`, the reference's own
-pure-PyTorch path, which is numerically the reference CUDA kernel (both sample at
-`location * size - 0.5` with zero padding). No compiled extension is needed.
+softmax weights predicted from the query. Two pure-PyTorch implementations, no compiled extension:
+
+- `grid_sample_deformable_attention`: `F.grid_sample` per level, then the weighted sum; the
+  reference's own pure-PyTorch path (`multi_scale_deformable_attn_pytorch`) and transformers'.
+  Used on CUDA (not yet measured against the other there).
+- `gathered_deformable_attention`: the bilinear corner weights times the attention weights,
+  summed over one gather of all levels, points and corners by `F.embedding_bag` (one weighted
+  bag of 4 * levels * points value rows per query and head). On the CPU it is 3.4x faster than
+  the grid_sample path for the encoder's 20k queries at 800 x 1200 (0.18 s vs 0.60 s per layer,
+  2 threads), because nothing (B * heads, head_dim, Q, levels * points) is ever materialised.
+
+Both sample at `location * size - 0.5` with zeros outside the map, as the reference CUDA kernel;
+they differ by float rounding only (grid_sample goes through `2 * location - 1` first).
+`multi_scale_deformable_attention` picks the gather on the CPU and grid_sample elsewhere.
 
 Parameter names and initialisation follow the reference `MSDeformAttn` (`sampling_offsets`,
 `attention_weights`, `value_proj`, `output_proj`), so checkpoints map one to one.
@@ -30,7 +41,23 @@ def multi_scale_deformable_attention(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """Weighted sum of bilinearly sampled values over levels and points.
+    """`gathered_deformable_attention` on the CPU, `grid_sample_deformable_attention` elsewhere."""
+    if value.device.type == "cpu":
+        return gathered_deformable_attention(
+            value, spatial_shapes, sampling_locations, attention_weights
+        )
+    return grid_sample_deformable_attention(
+        value, spatial_shapes, sampling_locations, attention_weights
+    )
+
+
+def grid_sample_deformable_attention(
+    value: Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Weighted sum of bilinearly sampled values over levels and points, by `F.grid_sample`.
 
     Sampling runs in float32 for float16 / bfloat16 inputs (the reference CUDA kernel casts half
     inputs to float32 too); the result is returned in the dtype of `value`.
@@ -78,6 +105,74 @@ def multi_scale_deformable_attention(
     # (B*heads, head_dim, Q) -> (B, heads*head_dim, Q)
     output = (stacked * weights).sum(-1).view(batch, heads * head_dim, queries)
     return output.transpose(1, 2).to(value.dtype)  # (B, Q, heads*head_dim)
+
+
+def gathered_deformable_attention(
+    value: Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """`grid_sample_deformable_attention` as one weighted gather (`F.embedding_bag`).
+
+    Same arguments, dtypes and result up to float rounding. Each level is zero-padded by one cell
+    at the top / left and two at the bottom / right, and every sampling location is clamped into
+    [-1, size] cells: a location off the map then lands on padding with its full weight (the
+    clamped fraction is 0), so every one of the four corners is a real table row and needs no
+    validity test. Differentiable in all three tensors (embedding_bag's backward).
+    """
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    dtype = _compute_dtype(value.dtype)
+    device = value.device
+    padded_sizes = [(height + 3) * (width + 3) for height, width in spatial_shapes]
+    rows = sum(padded_sizes)  # rows of one (batch, head)'s table
+    table = value.new_zeros(batch, heads, rows, head_dim, dtype=dtype)
+    starts = [sum(padded_sizes[:level]) for level in range(levels)]
+    levels_value = value.split([h * w for h, w in spatial_shapes], dim=1)
+    for level_value, start, (height, width) in zip(
+        levels_value, starts, spatial_shapes, strict=True
+    ):
+        # (B, heads, (H+3)*(W+3), head_dim) -> (B, heads, H+3, W+3, head_dim), inner cells
+        inner = table[:, :, start : start + (height + 3) * (width + 3)]
+        inner = inner.view(batch, heads, height + 3, width + 3, head_dim)[:, :, 1:-2, 1:-2]
+        # (B, H*W, heads, head_dim) -> (B, heads, H, W, head_dim)
+        inner.copy_(level_value.view(batch, height, width, heads, head_dim).permute(0, 3, 1, 2, 4))
+    table = table.view(-1, head_dim)  # (B * heads * rows, head_dim)
+    padded_widths = [width + 3 for _, width in spatial_shapes]
+    index_dtype = torch.int32 if table.shape[0] < 2**31 else torch.int64
+
+    # (levels, 1, 2) as (W_l, H_l), against locations (B, Q, heads, levels, points, 2)
+    size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=device)[:, None]
+    cells = sampling_locations.to(dtype) * size - 0.5
+    cells = torch.maximum(cells, cells.new_tensor(-1.0)).minimum(size)
+    low = cells.floor()
+    fraction = cells - low  # (B, Q, heads, levels, points, 2), (x, y)
+    low = low.to(index_dtype) + 1  # in padded cells
+    widths = torch.tensor(padded_widths, dtype=index_dtype, device=device)
+    level_starts = torch.tensor(starts, dtype=index_dtype, device=device)
+    head_starts = torch.arange(batch * heads, dtype=index_dtype, device=device) * rows
+    # top-left corner's row: (B, Q, heads, levels, points)
+    top_left = (
+        low[..., 1] * widths[:, None]
+        + low[..., 0]
+        + level_starts[:, None]
+        + head_starts.view(batch, 1, heads, 1, 1)
+    )
+    # corners in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1): (levels, 4)
+    corner_steps = torch.stack([widths * 0, widths * 0 + 1, widths, widths + 1], -1)
+    index = top_left[..., None] + corner_steps[:, None, :]  # (B, Q, heads, levels, points, 4)
+    x_weights = torch.stack([1 - fraction[..., 0], fraction[..., 0]], -1)  # (..., 2)
+    y_weights = torch.stack([1 - fraction[..., 1], fraction[..., 1]], -1)
+    y_weights = y_weights * attention_weights.to(dtype)[..., None]
+    # (..., 2, 1) * (..., 1, 2) -> (..., 4), the corners' order above
+    weights = (y_weights[..., :, None] * x_weights[..., None, :]).flatten(-2)
+    bags = batch * queries * heads
+    output = F.embedding_bag(
+        index.reshape(bags, -1), table, per_sample_weights=weights.reshape(bags, -1), mode="sum"
+    )
+    # (B * Q * heads, head_dim) -> (B, Q, heads * head_dim)
+    return output.view(batch, queries, heads * head_dim).to(value.dtype)
 
 
 class MultiScaleDeformableAttention(nn.Module):

@@ -1,4 +1,8 @@
-"""Multi-scale deformable attention: bilinear sampling, transformers parity, padding, dtypes."""
+"""Multi-scale deformable attention: bilinear sampling, transformers parity, padding, dtypes.
+
+Both implementations (grid_sample, the reference's pure-PyTorch path; the embedding_bag gather,
+the CPU default) are held to transformers' function and to each other.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,14 @@ from transformers.models.grounding_dino import modeling_grounding_dino as hf
 
 from grounding.deformable_attention import (
     MultiScaleDeformableAttention,
+    gathered_deformable_attention,
+    grid_sample_deformable_attention,
     multi_scale_deformable_attention,
 )
+
+IMPLEMENTATIONS = pytest.mark.parametrize(
+    "implementation", [grid_sample_deformable_attention, gathered_deformable_attention],
+    ids=["grid_sample", "gathered"])
 
 SHAPES = [(6, 5), (3, 3), (2, 1)]
 HIDDEN, HEADS, POINTS = 32, 4, 2
@@ -53,7 +63,8 @@ def test_zero_offsets_single_level_is_bilinear_sampling():
     torch.testing.assert_close(out[0], module.output_proj(expected), atol=1e-5, rtol=1e-5)
 
 
-def test_function_matches_transformers():
+@IMPLEMENTATIONS
+def test_function_matches_transformers(implementation):
     torch.manual_seed(0)
     batch, queries, head_dim = 2, 7, 8
     length = sum(h * w for h, w in SHAPES)
@@ -64,8 +75,32 @@ def test_function_matches_transformers():
     start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
     expected = hf.MultiScaleDeformableAttention()(value, shapes, SHAPES, start, locations,
                                                   weights, 64)
-    out = multi_scale_deformable_attention(value, SHAPES, locations, weights)
+    out = implementation(value, SHAPES, locations, weights)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_gather_equals_grid_sample_at_full_size_levels_and_far_off_the_map():
+    """The encoder's level sizes at 800 x 1200, locations up to 10 maps away on every side."""
+    torch.manual_seed(0)
+    shapes = [(100, 150), (50, 75), (25, 38), (13, 19)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 8, 32)
+    locations = torch.rand(2, 300, 8, 4, 4, 2) * 1.4 - 0.2
+    locations[:, :20] = torch.rand(2, 20, 8, 4, 4, 2) * 20 - 10
+    weights = torch.rand(2, 300, 8, 4, 4).softmax(-1)
+    expected = grid_sample_deformable_attention(value, shapes, locations, weights)
+    out = gathered_deformable_attention(value, shapes, locations, weights)
+    # grid_sample goes through 2 * location - 1: ~1e-5 cells of rounding on 150-wide maps
+    torch.testing.assert_close(out, expected, atol=5e-5, rtol=1e-5)
+    assert out[:, :20].abs().max() < expected.abs().max()  # far points sample (mostly) zeros
+
+
+def test_cpu_uses_the_gather():
+    torch.manual_seed(0)
+    value = torch.randn(1, sum(h * w for h, w in SHAPES), HEADS, 8)
+    locations = torch.rand(1, 5, HEADS, len(SHAPES), POINTS, 2)
+    weights = torch.rand(1, 5, HEADS, len(SHAPES), POINTS)
+    out = multi_scale_deformable_attention(value, SHAPES, locations, weights)
+    assert torch.equal(out, gathered_deformable_attention(value, SHAPES, locations, weights))
 
 
 def test_init_matches_transformers():
@@ -160,13 +195,15 @@ def test_autocast_bfloat16():
     torch.testing.assert_close(out.float(), expected, atol=0.15, rtol=0.05)
 
 
-def test_gradients():
+@IMPLEMENTATIONS
+def test_gradients(implementation):
     torch.manual_seed(0)
-    value = torch.randn(1, 9 + 4, 2, 3, dtype=torch.float64, requires_grad=True)
-    locations = torch.rand(1, 3, 2, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    weights = torch.rand(1, 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, 9 + 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    # inside, near and beyond the borders (gradcheck's steps never cross a cell edge here)
+    locations = (torch.rand(2, 3, 2, 2, 2, 2, dtype=torch.float64) * 1.6 - 0.3).requires_grad_()
+    weights = torch.rand(2, 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda v, loc, w: multi_scale_deformable_attention(v, [(3, 3), (2, 2)], loc, w),
+        lambda v, loc, w: implementation(v, [(3, 3), (2, 2)], loc, w),
         (value, locations, weights))
     module = _module()
     length = sum(h * w for h, w in SHAPES)

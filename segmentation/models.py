@@ -85,7 +85,8 @@ class ModelChoice:
                 f"on {self.device}{modes}"
             )
         return (
-            f"Grounding DINO {detector} + SAM ViT-{self.sam[-1].upper()} on {self.device}, "
+            f"Grounding DINO {detector} + SAM {SAM_CHECKPOINTS[self.sam].display_name} "
+            f"on {self.device}, "
             f"pretrained weights{modes}"
         )
 

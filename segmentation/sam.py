@@ -29,24 +29,47 @@ from torch import Tensor
 from grounding.checkpoint import load_strict
 from grounding.devices import default_device
 from grounding.hub import OfflineError
+from segmentation.sam_attention import accelerate_sam
 
 _URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-# variant -> (official URL, sha256, size in bytes)
-SAM_CHECKPOINTS: dict[str, tuple[str, str, int]] = {
-    "vit_b": (
+
+
+@dataclass(frozen=True)
+class SamCheckpoint:
+    """One official SAM variant: where its weights are and what to call it.
+
+    Attributes:
+        url: Meta's download address of the `.pth`.
+        sha256: of that file.
+        size: its size in bytes.
+        display_name: for banners and logs ("ViT-B").
+    """
+
+    url: str
+    sha256: str
+    size: int
+    display_name: str
+
+
+# The one table of SAM variants: segment_anything's registry names -> official checkpoints.
+SAM_CHECKPOINTS: dict[str, SamCheckpoint] = {
+    "vit_b": SamCheckpoint(
         _URL + "sam_vit_b_01ec64.pth",
         "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
         375_042_383,
+        "ViT-B",
     ),
-    "vit_l": (
+    "vit_l": SamCheckpoint(
         _URL + "sam_vit_l_0b3195.pth",
         "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
         1_249_524_607,
+        "ViT-L",
     ),
-    "vit_h": (
+    "vit_h": SamCheckpoint(
         _URL + "sam_vit_h_4b8939.pth",
         "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
         2_564_550_879,
+        "ViT-H",
     ),
 }
 CHECKPOINT_ENV = "SAM_CHECKPOINT"
@@ -76,7 +99,8 @@ def sam_checkpoint(variant: str = "vit_b", *, progress: bool = True) -> Path:
         FileNotFoundError: `$SAM_CHECKPOINT` names no file.
         grounding.hub.OfflineError: not cached and the server cannot be reached.
     """
-    url, sha256, size = _checkpoint_info(variant)
+    info = sam_variant(variant)
+    url, sha256, size = info.url, info.sha256, info.size
     if os.environ.get(CHECKPOINT_ENV):
         path = Path(os.environ[CHECKPOINT_ENV]).expanduser()
         if not path.is_file():
@@ -167,6 +191,9 @@ def build_sam(
 ) -> Sam:
     """SAM `variant` with loaded weights, in eval mode, on `device`.
 
+    The image encoder's attention runs through SDPA (`segmentation.sam_attention.accelerate_sam`:
+    same modules, parameters and keys; the same embedding up to float rounding).
+
     Args:
         variant: "vit_b", "vit_l" or "vit_h".
         checkpoint: a SAM `.pth` state dict; None for `sam_checkpoint(variant)`.
@@ -175,7 +202,7 @@ def build_sam(
     Raises:
         ValueError: unknown variant, or a checkpoint that does not fit it (names the keys).
     """
-    _checkpoint_info(variant)
+    sam_variant(variant)
     sam = sam_model_registry[variant](checkpoint=None)
     path = Path(checkpoint) if checkpoint is not None else sam_checkpoint(variant)
     if not path.is_file():
@@ -190,7 +217,7 @@ def build_sam(
         hint=". Is it a checkpoint of another SAM variant?",
     )
     device = torch.device(device or default_device())
-    return sam.to(device).eval()
+    return accelerate_sam(sam.to(device).eval())
 
 
 @dataclass(frozen=True)
@@ -308,7 +335,8 @@ class BoxSegmenter:
         return masks, scores
 
 
-def _checkpoint_info(variant: str) -> tuple[str, str, int]:
+def sam_variant(variant: str) -> SamCheckpoint:
+    """`SAM_CHECKPOINTS[variant]`, or a ValueError naming the known variants."""
     if variant not in SAM_CHECKPOINTS:
         raise ValueError(
             f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_CHECKPOINTS)}"

@@ -42,6 +42,7 @@ from segment_anything.modeling import (
 from torch import Tensor, nn
 
 from grounding.checkpoint import load_strict
+from segmentation.sam_attention import accelerate_sam
 
 CONFIG_METADATA_KEY = "sam_config"
 
@@ -203,4 +204,4 @@ def load_small_sam(
     sam = build_small_sam(config)
     state_dict = {key: value.float() for key, value in state_dict.items()}
     load_strict(sam, state_dict, source=str(weights_path), target=str(config), error=ValueError)
-    return sam.to(device).eval()
+    return accelerate_sam(sam.to(device).eval())

@@ -40,6 +40,7 @@ def test_every_detector_table_derives_from_the_one_registry():
             assert detector_preset(alias) is preset
             assert choose(["--detector", alias]).detector == name
         assert preset.display_name in ModelChoice(name, "vit_b", "cpu", False).describe()
+    assert "SAM ViT-H" in ModelChoice("swint", "vit_h", "cuda", False).describe()
     assert detector_preset("vit_b") is None
     assert SAM_VARIANTS == tuple(sam_module.SAM_CHECKPOINTS)
 

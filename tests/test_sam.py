@@ -1,5 +1,6 @@
 """SAM wrapper: checkpoint download and loading (network replaced by local files), box prompts."""
 
+import copy
 import hashlib
 import io
 import time
@@ -9,10 +10,12 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from segment_anything.modeling.image_encoder import Attention
 
 import segmentation.sam as sam_module
 from grounding.hub import OfflineError
 from segmentation.sam import BoxSegmenter, build_sam, sam_checkpoint
+from segmentation.sam_attention import FastAttention, restore_sam
 from segmentation.tiny_models import tiny_sam
 from tests.sam_stand_ins import BoxesAsPrompts, PaintBoxes
 
@@ -28,7 +31,8 @@ def served(tmp_path, monkeypatch):
     source.parent.mkdir()
     source.write_bytes(payload)
     sha = hashlib.sha256(payload).hexdigest()
-    monkeypatch.setitem(sam_module.SAM_CHECKPOINTS, "vit_b", (URL, sha, len(payload)))
+    monkeypatch.setitem(sam_module.SAM_CHECKPOINTS, "vit_b",
+                        sam_module.SamCheckpoint(URL, sha, len(payload), "ViT-B"))
     monkeypatch.setenv("SAM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("SAM_CHECKPOINT", raising=False)
     calls = []
@@ -53,7 +57,8 @@ def test_download_verifies_and_caches(served, capsys):
 
 def test_sha256_mismatch_is_rejected_and_nothing_is_left(served, monkeypatch):
     payload, _, cache = served
-    monkeypatch.setitem(sam_module.SAM_CHECKPOINTS, "vit_b", (URL, "0" * 64, len(payload)))
+    monkeypatch.setitem(sam_module.SAM_CHECKPOINTS, "vit_b",
+                        sam_module.SamCheckpoint(URL, "0" * 64, len(payload), "ViT-B"))
     with pytest.raises(ValueError, match="sha256"):
         sam_checkpoint("vit_b", progress=False)
     assert list(cache.iterdir()) == []
@@ -139,6 +144,19 @@ def test_build_sam_loads_our_way(tiny_registry, tmp_path, monkeypatch):
     assert not sam.training
     for key, value in sam.state_dict().items():
         torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
+
+
+def test_build_sam_attends_through_sdpa_with_the_same_embedding(tiny_registry, tmp_path):
+    path = tmp_path / "sam.pth"
+    torch.save(tiny_sam(seed=2).state_dict(), path)
+    sam = build_sam("vit_b", path, device="cpu")
+    attentions = [m for m in sam.image_encoder.modules() if isinstance(m, Attention)]
+    assert attentions and all(isinstance(m, FastAttention) for m in attentions)
+    reference = restore_sam(copy.deepcopy(sam))
+    pixels = torch.randn(1, 3, 1024, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(sam.image_encoder(pixels), reference.image_encoder(pixels),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_build_sam_names_keys_that_do_not_fit(tiny_registry, tmp_path):

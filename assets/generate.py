@@ -89,7 +89,7 @@ def generated_shapes():
     seed no split uses: a red circle, a green triangle, a green circle and a yellow triangle
     among grey clutter."""
     sys.path.insert(0, str(OUT.parent))
-    from grounding.shapes_data import generate_image
+    from grounding.shapes_drawing import generate_image
 
     sample = generate_image(np.random.default_rng([7, 4]), min_side=480, max_side=640,
                             min_shapes=4, max_shapes=4)

@@ -8,8 +8,9 @@ reference also picks, half of the time, a random crop between two resizes; we le
 
 Robustness: images and annotations that cannot be used are reported with `logging.warning` and
 skipped, never raised, so one bad file does not end an epoch. Malformed annotations are dropped
-when the dataset is built; an unreadable image makes `__getitem__` return None, which `collate`
-drops (a batch left empty collates to None, which the training loop skips).
+when the dataset is built (`grounding.dataset_annotations`); an unreadable image makes
+`__getitem__` return None, which `collate` drops (a batch left empty collates to None, which the
+training loop skips).
 
 Reproducibility: a sample's randomness (negatives, order, flip, size) comes from a generator seeded
 by (seed, epoch, index), so a resumed run sees exactly the samples of an uninterrupted one. Call
@@ -21,12 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from collections.abc import Container, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -35,14 +34,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from grounding.captions import CaptionBuilder, distractor_vocabulary
+from grounding.dataset_annotations import large_enough, read_categories, read_records
 from grounding.targets import DetectionTarget
 from grounding.transforms import batch_images, preprocess
 
 logger = logging.getLogger(__name__)
 
 MULTI_SCALE_SIZES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
-# Boxes this small (pixels, either side) after clipping carry no signal and break GIoU.
-MIN_BOX_SIDE = 1.0
 # Problems listed one by one in the log before the rest are only counted.
 _MAX_LOGGED = 20
 
@@ -75,25 +73,6 @@ def load_image(
                 )
             upright = opened
         return upright.convert("RGB")
-
-
-@dataclass
-class ImageRecord:
-    """One image's usable annotations.
-
-    Attributes:
-        image_id: the COCO image id.
-        file_name: path relative to the image folder.
-        size: (width, height) from the annotation file, or None when it has none.
-        boxes: (n, 4) float32, x0, y0, x1, y1 in pixels (clipped when `size` is known).
-        category_ids: (n,) int64.
-    """
-
-    image_id: int
-    file_name: str
-    size: tuple[int, int] | None
-    boxes: np.ndarray
-    category_ids: np.ndarray
 
 
 @dataclass
@@ -221,8 +200,8 @@ class CocoGroundingDataset(Dataset):
         with open(annotation_file, encoding="utf-8") as handle:
             coco = json.load(handle)
         problems: list[str] = []
-        self.categories = _read_categories(coco.get("categories", []), problems)
-        self.records = _read_records(coco, set(self.categories), problems)
+        self.categories = read_categories(coco.get("categories", []), problems)
+        self.records = read_records(coco, set(self.categories), problems)
         for message in problems[:_MAX_LOGGED]:
             logger.warning("%s: %s", annotation_file, message)
         if len(problems) > _MAX_LOGGED:
@@ -259,7 +238,7 @@ class CocoGroundingDataset(Dataset):
         boxes = record.boxes.copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-        keep = _large_enough(boxes)
+        keep = large_enough(boxes)
         boxes, category_ids = boxes[keep], record.category_ids[keep]
 
         entropy = (self.seed, self.epoch, index) if self.train else (self.seed, index)
@@ -335,114 +314,3 @@ def collate(
         phrase_spans=[sample.phrase_spans for sample in kept],
         phrase_category_ids=[sample.phrase_category_ids for sample in kept],
     )
-
-
-def _large_enough(boxes: np.ndarray) -> np.ndarray:
-    """(n,) bool: both sides of the x0, y0, x1, y1 boxes exceed `MIN_BOX_SIDE`."""
-    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    return (widths > MIN_BOX_SIDE) & (heights > MIN_BOX_SIDE)
-
-
-def _read_categories(entries: list, problems: list[str]) -> dict[int, str]:
-    """Category id -> name, in id order; malformed or repeated entries reported and skipped."""
-    categories: dict[int, str] = {}
-    for entry in entries:
-        cid = entry.get("id") if isinstance(entry, dict) else None
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if not _is_int(cid) or not isinstance(name, str) or not name.strip():
-            problems.append(f"skipping malformed category {entry!r}")
-        elif cid in categories:
-            problems.append(f"skipping repeated category id {cid} ({name!r})")
-        else:
-            categories[cid] = name
-    if not categories:
-        raise ValueError("the annotation file has no usable categories")
-    return dict(sorted(categories.items()))
-
-
-def _read_records(coco: dict, category_ids: set[int], problems: list[str]) -> list[ImageRecord]:
-    """One record per usable image, in image id order, with its usable boxes."""
-    images: dict[int, tuple[str, tuple[int, int] | None]] = {}
-    for entry in coco.get("images", []):
-        image_id = entry.get("id") if isinstance(entry, dict) else None
-        file_name = entry.get("file_name") if isinstance(entry, dict) else None
-        if not _is_int(image_id) or not isinstance(file_name, str) or image_id in images:
-            problems.append(f"skipping malformed or repeated image {entry!r}")
-            continue
-        width, height = entry.get("width"), entry.get("height")
-        size = (
-            (width, height)
-            if _is_int(width) and _is_int(height) and width > 0 and height > 0
-            else None
-        )
-        images[image_id] = (file_name, size)
-
-    boxes: dict[int, list[list[float]]] = {image_id: [] for image_id in images}
-    labels: dict[int, list[int]] = {image_id: [] for image_id in images}
-    for annotation in coco.get("annotations", []):
-        problem = annotation_problem(annotation, images, category_ids)
-        if problem:
-            problems.append(problem)
-            continue
-        if annotation.get("iscrowd", 0):
-            continue
-        x, y, w, h = (float(value) for value in annotation["bbox"])
-        box = [x, y, x + w, y + h]
-        size = images[annotation["image_id"]][1]
-        if size is not None:
-            box = [
-                min(max(box[0], 0.0), size[0]),
-                min(max(box[1], 0.0), size[1]),
-                min(max(box[2], 0.0), size[0]),
-                min(max(box[3], 0.0), size[1]),
-            ]
-        boxes[annotation["image_id"]].append(box)
-        labels[annotation["image_id"]].append(annotation["category_id"])
-
-    records = []
-    for image_id in sorted(images):
-        image_boxes = np.asarray(boxes[image_id], dtype=np.float32).reshape(-1, 4)
-        image_labels = np.asarray(labels[image_id], dtype=np.int64)
-        keep = _large_enough(image_boxes)
-        records.append(
-            ImageRecord(
-                image_id,
-                images[image_id][0],
-                images[image_id][1],
-                image_boxes[keep],
-                image_labels[keep],
-            )
-        )
-    return records
-
-
-def annotation_problem(
-    annotation,
-    image_ids: Container[int],
-    category_ids: Container[int],
-) -> str | None:
-    """Why an annotation cannot be used (unknown image or category, bad bbox), or None."""
-    if not isinstance(annotation, dict):
-        return f"skipping malformed annotation {annotation!r}"
-    name = f"annotation {annotation.get('id', '?')}"
-    if annotation.get("image_id") not in image_ids:
-        return f"skipping {name}: unknown image id {annotation.get('image_id')!r}"
-    if annotation.get("category_id") not in category_ids:
-        return f"skipping {name}: unknown category id {annotation.get('category_id')!r}"
-    bbox = annotation.get("bbox")
-    if (
-        not isinstance(bbox, list | tuple)
-        or len(bbox) != 4
-        or not all(
-            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            for value in bbox
-        )
-        or bbox[2] < 0
-        or bbox[3] < 0
-    ):
-        return f"skipping {name}: bad bbox {bbox!r} (expected x, y, width, height >= 0)"
-    return None
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -46,207 +46,28 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import shutil
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from grounding.config import (
-    PRESETS,
-    GroundingDINOConfig,
-    LossConfig,
-    shapes_config,
-    tiny_config,
-)
-from grounding.dataset import MULTI_SCALE_SIZES, CocoGroundingDataset
+from grounding.config import LossConfig
+from grounding.dataset import CocoGroundingDataset
 from grounding.devices import default_device
 from grounding.losses import SetCriterion
 from grounding.model import GroundingDINO, build_model
-from grounding.native_format import config_from_dict, config_to_dict
-from grounding.optim import (
-    FREEZABLE,
-    SCHEDULES,
-    build_scheduler,
-    freeze,
-    parameter_groups,
-    set_rng_state,
-)
-from grounding.trainer import (
-    Trainer,
-    TrainingOptions,
-    TrainingStopped,
-    read_training_state,
-    steps_per_epoch,
-)
+from grounding.native_format import config_from_dict, config_to_dict, is_native, load_native
+from grounding.optim import build_scheduler, freeze, parameter_groups, set_rng_state
+from grounding.train_args import SCRATCH_CONFIGS, check_resume_flags, parse_args, recorded_flags
+from grounding.trainer import Trainer, TrainingOptions
+from grounding.training_checkpoint import STATE_FILE, read_training_state
+from grounding.training_step import TrainingStopped, steps_per_epoch
 
 logger = logging.getLogger(__name__)
-
-
-def _preset_with_vocabulary(name: str) -> Callable[[int], GroundingDINOConfig]:
-    def config(vocab_size: int) -> GroundingDINOConfig:
-        preset = PRESETS[name]()
-        return replace(preset, text={**preset.text, "vocab_size": vocab_size})
-
-    return config
-
-
-# `--config NAME` without `--checkpoint`: random initialisation; takes the tokenizer's vocab size.
-SCRATCH_CONFIGS: dict[str, Callable[[int], GroundingDINOConfig]] = {
-    "tiny": tiny_config,
-    "shapes": shapes_config,
-    **{name: _preset_with_vocabulary(name) for name in PRESETS},
-}
-# Flags that must not change on --resume (others, such as --epochs or --workers, may).
-RESUME_FIXED = (
-    "batch_size",
-    "accumulate",
-    "lr",
-    "lr_backbone",
-    "lr_text",
-    "weight_decay",
-    "schedule",
-    "lr_drop_epochs",
-    "lr_drop_factor",
-    "warmup_steps",
-    "freeze",
-    "train_text",
-    "seed",
-    "sizes",
-    "max_size",
-    "negatives",
-    "distractors",
-    "bf16",
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m grounding.train",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--train-images",
-        type=Path,
-        required=True,
-        help="folder the annotations' file_names are relative to",
-    )
-    data.add_argument("--train-annotations", type=Path, required=True, help="COCO JSON")
-    data.add_argument("--val-images", type=Path, help="validation images (COCO AP per epoch)")
-    data.add_argument("--val-annotations", type=Path, help="COCO JSON")
-    data.add_argument("--val-max-images", type=int, help="evaluate on the first N images only")
-    data.add_argument("--out", type=Path, required=True, help="run folder")
-    data.add_argument(
-        "--sizes",
-        type=int,
-        nargs="+",
-        default=list(MULTI_SCALE_SIZES),
-        help="training short sides, one drawn per image",
-    )
-    data.add_argument("--max-size", type=int, default=1333, help="longest side after resizing")
-    data.add_argument("--eval-size", type=int, help="evaluation short side (default max --sizes)")
-    data.add_argument("--negatives", type=int, default=50, help="absent categories per caption")
-    data.add_argument(
-        "--distractors",
-        type=int,
-        default=0,
-        help="phrases of random vocabulary words per caption, naming nothing (for "
-        "datasets of few categories: unknown names then find nothing)",
-    )
-    init = parser.add_argument_group("initialisation")
-    init.add_argument("--checkpoint", help="official .pth, transformers directory or Hub id")
-    init.add_argument(
-        "--config",
-        choices=sorted(SCRATCH_CONFIGS),
-        help="architecture: of a .pth checkpoint, or to train from scratch",
-    )
-    init.add_argument(
-        "--text-encoder",
-        help="folder with BERT's vocab.txt (or the vocab file); "
-        "needed from scratch, optional with a .pth",
-    )
-    init.add_argument("--resume", action="store_true", help="continue from OUT/last")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=12, help="may grow on --resume")
-    optim.add_argument("--batch-size", type=int, default=4, help="images per batch")
-    optim.add_argument("--accumulate", type=int, default=1, help="batches per optimiser step")
-    optim.add_argument("--lr", type=float, default=1e-4, help="AdamW rate of the detector")
-    optim.add_argument("--lr-backbone", type=float, default=1e-5, help="of the Swin backbone")
-    optim.add_argument("--lr-text", type=float, default=1e-5, help="of BERT, when it trains")
-    optim.add_argument("--weight-decay", type=float, default=1e-4, help="on all parameters")
-    optim.add_argument("--clip-max-norm", type=float, default=0.1, help="0 disables clipping")
-    optim.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
-    optim.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default="step",
-        help="per-step: drops at --lr-drop-epochs, or a cosine to 0",
-    )
-    optim.add_argument(
-        "--lr-drop-epochs",
-        type=int,
-        nargs="*",
-        default=[11],
-        help="step schedule: multiply by --lr-drop-factor after these epochs",
-    )
-    optim.add_argument("--lr-drop-factor", type=float, default=0.1)
-    optim.add_argument(
-        "--freeze",
-        nargs="+",
-        default=[],
-        choices=sorted(FREEZABLE),
-        metavar="PART",
-        help=f"parts to keep fixed: {', '.join(FREEZABLE)}",
-    )
-    optim.add_argument(
-        "--train-text",
-        action="store_true",
-        help="train BERT too when fine-tuning (frozen by default)",
-    )
-    run = parser.add_argument_group("run")
-    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
-    run.add_argument("--device", help="default cuda when available, else cpu")
-    run.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    run.add_argument(
-        "--threads",
-        type=int,
-        help="torch's CPU threads (default: torch's; on a shared machine 1 avoids "
-        "threads waiting on each other)",
-    )
-    run.add_argument("--seed", type=int, default=0, help="initialisation, data order, samples")
-    run.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
-    run.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
-    run.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.resume and args.checkpoint is None and args.config is None:
-        parser.error("pass --checkpoint to fine-tune, or --config to train from scratch")
-    if args.checkpoint is not None and args.config not in (None, *PRESETS):
-        parser.error(
-            f"--config {args.config} has no official checkpoint; "
-            "drop --checkpoint to train it from scratch"
-        )
-    if (args.val_images is None) != (args.val_annotations is None):
-        parser.error("--val-images and --val-annotations go together")
-    if args.train_text and "text" in args.freeze:
-        parser.error("--train-text contradicts --freeze text")
-    for name in ("epochs", "batch_size", "accumulate", "eval_every", "log_every", "max_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(args.sizes) < 1 or args.workers < 0 or args.warmup_steps < 0:
-        parser.error("--sizes must be positive, --workers and --warmup-steps not negative")
-    if args.eval_size is None:
-        args.eval_size = max(args.sizes)
-    return args
 
 
 def choose_device(requested: str | None, bf16: bool) -> tuple[torch.device, bool]:
@@ -273,19 +94,33 @@ def load_tokenizer(text_encoder: str | None):
 
 
 def initial_model(args: argparse.Namespace) -> tuple[GroundingDINO, object]:
-    """(model, tokenizer): from `--checkpoint`, or random weights for `--config`."""
-    if args.checkpoint is not None:
-        from grounding.build import load_detector
+    """(model, tokenizer): from `--checkpoint`, or random weights for `--config`.
 
-        detector = load_detector(
+    `--text-encoder` is read as `load_tokenizer` reads it in both cases: a folder with vocab.txt,
+    a Hub id, or the vocabulary file itself.
+    """
+    if args.checkpoint is None:
+        tokenizer = load_tokenizer(args.text_encoder)
+        return build_model(SCRATCH_CONFIGS[args.config](len(tokenizer))), tokenizer
+    from grounding.build import load_detector
+
+    def load(text_encoder: str | None):
+        return load_detector(
             args.checkpoint,
             config=args.config or "swint_ogc",
-            text_encoder=args.text_encoder,
+            text_encoder=text_encoder,
             device="cpu",
         )
+
+    if args.text_encoder is None or not Path(args.text_encoder).is_file():
+        detector = load(args.text_encoder)
         return detector.model, detector.tokenizer
-    tokenizer = load_tokenizer(args.text_encoder)
-    return build_model(SCRATCH_CONFIGS[args.config](len(tokenizer))), tokenizer
+    # `load_detector` takes a folder holding vocab.txt (or a Hub id), not the file: the file goes
+    # into a folder of its own for it, and the tokenizer is the one `--config` would use.
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copyfile(args.text_encoder, Path(folder) / "vocab.txt")
+        detector = load(folder)
+    return detector.model, load_tokenizer(args.text_encoder)
 
 
 def _seed_everything(seed: int) -> None:
@@ -310,12 +145,14 @@ def train(args: argparse.Namespace) -> dict:
     device, bf16 = choose_device(args.device, args.bf16)
     state = None
     if args.resume:
-        if not (last_dir / "training_state.pt").is_file():
-            raise FileNotFoundError(f"--resume: {last_dir} has no training_state.pt")
+        if not (last_dir / STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume: {last_dir} has no {STATE_FILE}")
         state = read_training_state(last_dir)
-        _check_resume_flags(state["args"], args)
+        check_resume_flags(state["args"], args)
         model = build_model(config_from_dict(state["model_config"]))
-        load_transformers(model, last_dir)
+        # `save_detector` wrote it: our own format for what transformers cannot hold
+        # (`contrastive_bias`, e.g. --config shapes), transformers' otherwise.
+        (load_native if is_native(last_dir) else load_transformers)(model, last_dir)
         tokenizer = BertTokenizer.from_pretrained(str(last_dir), do_lower_case=True)
         from_scratch = state["from_scratch"]
     else:
@@ -384,7 +221,6 @@ def train(args: argparse.Namespace) -> dict:
         drop_epochs=tuple(args.lr_drop_epochs),
         drop_factor=args.lr_drop_factor,
     )
-    recorded_args = {key: _plain(value) for key, value in vars(args).items()}
     trainer = Trainer(
         model,
         tokenizer,
@@ -397,7 +233,7 @@ def train(args: argparse.Namespace) -> dict:
         frozen_modules=frozen_modules,
         extra_state={
             "model_config": config_to_dict(model.config),
-            "args": recorded_args,
+            "args": recorded_flags(args),
             "from_scratch": from_scratch,
             "frozen": frozen,
         },
@@ -416,30 +252,6 @@ def train(args: argparse.Namespace) -> dict:
         epoch_steps,
     )
     return trainer.fit()
-
-
-def _plain(value):
-    """A flag's value as something `torch.load(weights_only=True)` reads back."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
-
-
-def _check_resume_flags(saved: dict, args: argparse.Namespace) -> None:
-    # A flag newer than the run was at its default then.
-    saved = {key: saved.get(key, _plain(build_parser().get_default(key))) for key in RESUME_FIXED}
-    changed = [
-        f"--{key.replace('_', '-')} {saved[key]!r} -> {_plain(getattr(args, key))!r}"
-        for key in RESUME_FIXED
-        if saved[key] != _plain(getattr(args, key))
-    ]
-    if changed:
-        raise ValueError(
-            "--resume continues the run exactly, so these flags must not change: "
-            + "; ".join(changed)
-        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """The training loop of `python -m grounding.train` (paper §3.5): steps, checkpoints, evaluation.
 
-One optimiser step = `accumulate` consecutive batches of the epoch's order. Their losses are
-weighted by their share of the window's target boxes (the criterion divides by the boxes of its
-own batch), so accumulating N batches of b images gives the gradient of one batch of N x b.
+One optimiser step = `accumulate` consecutive batches of the epoch's order
+(`grounding.training_step`). A checkpoint (`grounding.training_checkpoint`) is written after every
+epoch and when `max_steps` stops the run; with a validation set, COCO AP is measured first (every
+`eval_every` epochs and at the end) and `best/` kept.
 
 Exact resume: the epoch's order comes from (seed, epoch), each sample's randomness from
 (seed, epoch, index) (`CocoGroundingDataset.set_epoch`), and the checkpoint stores the model, the
@@ -13,38 +14,32 @@ random numbers: with or without them, and interrupted or not, a run computes the
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from grounding.build import save_detector
-from grounding.dataset import CocoGroundingDataset, GroundingBatch, collate
+from grounding.dataset import CocoGroundingDataset, GroundingBatch
 from grounding.losses import SetCriterion
 from grounding.model import GroundingDINO
 from grounding.optim import rng_state, set_training_mode
-from grounding.text_masks import sub_sentence_masks
+from grounding.training_checkpoint import MetricsLog, save_checkpoint
+from grounding.training_step import (
+    TrainingStopped,
+    accumulate_gradients,
+    epoch_batches,
+    steps_per_epoch,
+)
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "training_state.pt"
 SHOWN_TERMS = ("loss_class", "loss_l1", "loss_giou")  # on the progress bar; all in metrics
-
-
-class TrainingStopped(RuntimeError):
-    """A non-finite loss, output or gradient; the message says where, and what was kept."""
 
 
 @dataclass
@@ -93,172 +88,11 @@ class Progress:
     saved_step: int | None = None
 
 
-def steps_per_epoch(num_images: int, batch_size: int, accumulate: int) -> int:
-    """Optimiser steps in an epoch (the last window may hold fewer batches)."""
-    return math.ceil(math.ceil(num_images / batch_size) / accumulate)
-
-
-def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled item order of an epoch; a function of (seed, epoch) only."""
-    return np.random.default_rng((seed, epoch)).permutation(num_items).tolist()
-
-
-def epoch_batches(
-    dataset: CocoGroundingDataset,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    start: int = 0,
-    workers: int = 0,
-) -> DataLoader:
-    """The epoch's batches from batch `start` on (None for a batch of unreadable images only)."""
-    dataset.set_epoch(epoch)
-    order = epoch_order(len(dataset), seed, epoch)[start * batch_size :]
-    # Its own generator: creating the iterator then draws nothing from the global RNG.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=order,
-        num_workers=workers,
-        collate_fn=partial(collate, pad_token_id=dataset.pad_token_id),
-        generator=generator,
-    )
-
-
-def batch_loss(
-    model: nn.Module,
-    criterion: SetCriterion,
-    batch: GroundingBatch,
-    special_token_ids: tuple[int, ...],
-    bf16: bool = False,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The criterion's total and terms on one batch (already on the model's device).
-
-    Raises:
-        TrainingStopped: the model's outputs are NaN (message completed by the caller).
-    """
-    text_masks = sub_sentence_masks(batch.input_ids, batch.token_mask, special_token_ids)
-    device_type = batch.pixels.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        output = model(
-            batch.pixels,
-            batch.input_ids,
-            batch.token_mask,
-            batch.padding_mask,
-            text_masks=text_masks,
-            return_aux=True,
-        )
-    # (B, n) -> (B, max_text_len): the columns past the caption are padding (-inf logits).
-    token_mask = F.pad(batch.token_mask, (0, output.logits.shape[-1] - batch.token_mask.shape[1]))
-    real_logits = output.logits.transpose(1, 2)[token_mask]  # (real tokens, Q)
-    if not (bool(torch.isfinite(real_logits).all()) and bool(torch.isfinite(output.boxes).all())):
-        raise TrainingStopped("the model's outputs are not finite")
-    return criterion(output, batch.targets, token_mask)
-
-
-def accumulate_gradients(
-    model: nn.Module,
-    criterion: SetCriterion,
-    batches: list[GroundingBatch],
-    device: torch.device,
-    special_token_ids: tuple[int, ...],
-    bf16: bool = False,
-) -> tuple[float, dict[str, float]]:
-    """Backward of the window's loss, each batch weighted by its share of the target boxes.
-
-    Returns:
-        the window's loss and its terms, as the criterion would give them on one batch of all.
-
-    Raises:
-        TrainingStopped: a non-finite loss (message names the terms and images).
-    """
-    boxes = [sum(len(target) for target in batch.targets) for batch in batches]
-    total_boxes = max(sum(boxes), 1)
-    loss, terms = 0.0, dict[str, float]()
-    for batch, count in zip(batches, boxes, strict=True):
-        weight = max(count, 1) / total_boxes
-        try:
-            total, components = batch_loss(
-                model, criterion, batch.to(device), special_token_ids, bf16
-            )
-            if not bool(torch.isfinite(total)):
-                bad = [
-                    f"{name}={float(value)}"
-                    for name, value in components.items()
-                    if not bool(torch.isfinite(value))
-                ]
-                raise TrainingStopped(
-                    f"the loss is {float(total.detach())} ({', '.join(bad) or 'total'})"
-                )
-        except TrainingStopped as error:
-            raise TrainingStopped(f"{error} on images {batch.image_ids}") from None
-        (total * weight).backward()
-        loss += float(total.detach()) * weight
-        for name, value in components.items():
-            terms[name] = terms.get(name, 0.0) + float(value) * weight
-    return loss, terms
-
-
 class _Resize(TypedDict):
     """The evaluation resize of `Trainer._resize` (keyword arguments of `save_checkpoint`)."""
 
     image_size: int
     max_size: int
-
-
-class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def keep_until(self, step: int) -> None:
-        """Drop lines after `step` (logged by a run that ended after its last checkpoint)."""
-        if not self.path.exists():
-            return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def save_checkpoint(
-    directory: Path,
-    model: GroundingDINO,
-    tokenizer,
-    *,
-    training_state: dict | None = None,
-    metrics: dict | None = None,
-    image_size: int | None = None,
-    max_size: int | None = None,
-) -> None:
-    """A checkpoint directory (`grounding.save_detector`: transformers' format, or ours for a
-    model with `config.contrastive_bias`) + `training_state.pt` and `metrics.json`, written beside
-    and then renamed over `directory`, so an interrupted save leaves the old one intact."""
-    partial_dir = directory.with_name(directory.name + ".partial")
-    old_dir = directory.with_name(directory.name + ".old")
-    for leftover in (partial_dir, old_dir):
-        shutil.rmtree(leftover, ignore_errors=True)
-    # The evaluation resize goes with the weights: `load_detector` restores it.
-    save_detector(model, partial_dir, tokenizer, image_size=image_size, max_size=max_size)
-    if training_state is not None:
-        torch.save(training_state, partial_dir / STATE_FILE)
-    if metrics is not None:
-        (partial_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if directory.exists():
-        directory.rename(old_dir)
-    partial_dir.rename(directory)
-    shutil.rmtree(old_dir, ignore_errors=True)
-
-
-def read_training_state(directory: Path) -> dict:
-    """The `training_state.pt` of a `last/` checkpoint (tensors, lists and numbers only)."""
-    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 class Trainer:
@@ -514,7 +348,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """COCO box AP on the validation set (the model is back in training mode afterwards)."""
-        from grounding.evaluate import evaluate_predictions, predict_dataset, read_annotations
+        from grounding.evaluate_inference import predict_dataset
+        from grounding.evaluate_metrics import evaluate_predictions, read_annotations
         from grounding.predictor import Detector
 
         options = self.options

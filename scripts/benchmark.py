@@ -16,7 +16,7 @@ time showing --step more boxes after a pause in which the background caught up; 
 before go through the decoder. Also CPU-seconds per wall-second (about 2.0 on an idle 2-core
 machine; lower means other jobs competed) and peak RSS.
 
-    PYTHONPATH=. python scripts/benchmark.py --size 800x1200 --boxes 10 --step 3 --runs 1 \
+    python scripts/benchmark.py --size 800x1200 --boxes 10 --step 3 --runs 1 \
         --slider-runs 5
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,12 @@ import timing  # scripts/timing.py, beside this script
 import torch
 from segment_anything import sam_model_registry
 
-from grounding import Detector, build_model
-from grounding.config import PRESETS
-from segmentation.pipeline import GroundedSAM, LookAhead
-from segmentation.sam import BoxSegmenter
-from segmentation.visualize import annotate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from grounding import Detector, build_model  # noqa: E402
+from grounding.config import PRESETS  # noqa: E402
+from segmentation.pipeline import GroundedSAM, LookAhead  # noqa: E402
+from segmentation.sam import BoxSegmenter  # noqa: E402
+from segmentation.visualize import annotate  # noqa: E402
 
 VOCAB = Path(__file__).resolve().parents[1] / "tests" / "data" / "bert-base-uncased-vocab.txt"
 PROMPT = "a cat . a remote control . a dog . a person ."

@@ -33,8 +33,9 @@ from grounding.dataset import CocoGroundingDataset
 from grounding.losses import SetCriterion
 from grounding.model import build_model
 from grounding.optim import parameter_groups
-from grounding.train import SCRATCH_CONFIGS, load_tokenizer
-from grounding.trainer import accumulate_gradients, epoch_batches
+from grounding.train import load_tokenizer
+from grounding.train_args import SCRATCH_CONFIGS
+from grounding.training_step import accumulate_gradients, epoch_batches
 
 VOCAB = Path(__file__).resolve().parent.parent / "tests" / "data" / "bert-base-uncased-vocab.txt"
 NAMES = ["red square", "blue circle", "green triangle", "yellow star", "traffic light", "dog"]

@@ -59,13 +59,11 @@ sys.path.insert(0, str(ROOT))
 
 from grounding.captions import category_prompt  # noqa: E402
 from grounding.dataset import load_image  # noqa: E402
-from grounding.evaluate import (  # noqa: E402
-    evaluate_predictions,
-    predict_dataset,
-    read_annotations,
-)
+from grounding.evaluate_inference import predict_dataset  # noqa: E402
+from grounding.evaluate_metrics import evaluate_predictions, read_annotations  # noqa: E402
 from grounding.predictor import Detector  # noqa: E402
-from grounding.shapes_data import CATEGORIES, TEST_SEED_OFFSET, generate_split  # noqa: E402
+from grounding.shapes_categories import CATEGORIES  # noqa: E402
+from grounding.shapes_data import TEST_SEED_OFFSET, generate_split  # noqa: E402
 from segmentation.fast_modes import QUANTIZE_MODES, apply_fast_modes  # noqa: E402
 from segmentation.pipeline import GroundedSAM, LookAhead  # noqa: E402
 from segmentation.sam import BoxSegmenter  # noqa: E402

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from grounding.predictor import normalize_caption
 from segmentation.models import add_model_arguments, load_models, model_choice
 
 COCO_FILE = "annotations.json"
@@ -95,8 +96,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add_model_arguments(parser)
     args = parser.parse_args(argv)
-    from grounding.predictor import normalize_caption
-
     try:
         normalize_caption(args.prompt)
     except ValueError as error:
@@ -119,8 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the batch. Exit status: 0 when at least one image was processed, 1 when none was (or
     the models could not load), 130 when interrupted (Ctrl-C or SIGTERM). annotations.json is
     written in every case, with the images processed until then."""
-    from grounding.predictor import normalize_caption
-
     args = parse_args(argv)
     paths = sorted(p for p in args.images.iterdir() if p.is_file() and not p.name.startswith("."))
     if not paths:

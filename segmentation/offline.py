@@ -2,8 +2,8 @@
 
 Both ship in `assets/` (fp16, about 12 MB together; how they were trained is in
 `assets/README.md`), so offline mode needs no download and gives real results, but only for what
-they learned: the 12 names of `grounding.shapes_data.CATEGORIES` ("red circle", "blue square", ...,
-"yellow triangle") on flat shapes. Anything else ("a dog") finds little or nothing.
+they learned: the 12 names of `grounding.shapes_categories.CATEGORIES` ("red circle", "blue
+square", ..., "yellow triangle") on flat shapes. Anything else ("a dog") finds little or nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from grounding import Detector, load_detector
 from grounding.devices import default_device
-from grounding.shapes_data import CATEGORIES
+from grounding.shapes_categories import CATEGORIES
 from segmentation.small_sam import load_small_sam
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

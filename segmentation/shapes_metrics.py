@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from grounding.shapes_data import CATEGORIES, COLOURS, SHAPES
+from grounding.shapes_categories import CATEGORIES, COLOURS, SHAPES
 
 IOU_THRESHOLD = 0.5
 CONFUSION_KINDS = ("wrong_colour", "wrong_shape", "both_wrong")

@@ -420,7 +420,7 @@ def test_zero_gpu_worker_caches_come_back_and_cached_moves_need_no_gpu(handlers,
     assert pipeline.look_ahead == LookAhead.prefetch(4) and handlers.zero_gpu
     handlers.segment_on_device = in_forked_worker
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # where uploads are read from
-    from grounding.shapes_data import generate_image
+    from grounding.shapes_drawing import generate_image
 
     path = tmp_path / "fresh.png"  # pixels no earlier test cached: a red circle, a blue square
     Image.fromarray(generate_image(np.random.default_rng([7, 3])).image).save(path)

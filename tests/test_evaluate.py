@@ -7,15 +7,9 @@ import json
 import pytest
 import torch
 
-from grounding.evaluate import (
-    SUMMARY_KEYS,
-    category_detections,
-    evaluate_predictions,
-    infer_batch,
-    main,
-    predict_dataset,
-    read_annotations,
-)
+from grounding.evaluate import main, parse_args
+from grounding.evaluate_inference import category_detections, infer_batch, predict_dataset
+from grounding.evaluate_metrics import SUMMARY_KEYS, evaluate_predictions, read_annotations
 from grounding.predictor import RawPrediction
 from grounding.transforms import preprocess
 from tests.coco_files import CATEGORIES, IMAGES, write_coco
@@ -175,3 +169,14 @@ def test_cli_runs_end_to_end_and_writes_the_metrics(tmp_path, tiny_checkpoint, c
     assert report["prompt"].startswith("red square . blue circle .")
     printed = capsys.readouterr().out
     assert "AP50" in printed and "hair drier" in printed
+
+
+def test_cli_config_help_lists_every_detector_preset(capsys, monkeypatch):
+    from grounding.config import DETECTOR_PRESETS
+
+    # A preset added to the one table shows up in the help without touching the CLI.
+    monkeypatch.setitem(DETECTOR_PRESETS, "swinx_new", DETECTOR_PRESETS["swint_ogc"])
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "architecture of a .pth: swint_ogc or swinb_cogcoor or swinx_new" in help_text

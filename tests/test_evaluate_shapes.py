@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from grounding.shapes_data import CATEGORIES, TEST_SEED_OFFSET, generate_image
+from grounding.shapes_categories import CATEGORIES
+from grounding.shapes_data import TEST_SEED_OFFSET
+from grounding.shapes_drawing import generate_image
 from segmentation.shapes_metrics import (
     FALSE_POSITIVE_KINDS,
     MatchTally,

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from grounding.shapes_data import CATEGORIES, generate_image
+from grounding.shapes_categories import CATEGORIES
+from grounding.shapes_drawing import generate_image
 from segmentation import fast_modes
 from segmentation import models as model_flags
 from segmentation.cli import main

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grounding.shapes_data import CATEGORIES, generate_image
+from grounding.shapes_categories import CATEGORIES
+from grounding.shapes_drawing import generate_image
 from segmentation import load_pipeline
 from segmentation.offline import KNOWN_NAMES, known_names_text
 from segmentation.shapes_metrics import mask_iou
@@ -54,3 +55,27 @@ def test_the_known_names_are_the_training_categories():
     assert KNOWN_NAMES == CATEGORIES and len(KNOWN_NAMES) == 12
     assert known_names_text().startswith("red circle, red square, ")
     assert known_names_text().endswith(" and yellow triangle")
+
+
+def test_the_known_names_come_without_the_shapes_generator():
+    """Offline mode needs only the 12 names: importing it loads neither the drawing (OpenCV) nor
+    the COCO writer (pycocotools) of the shapes data, and the names' module imports nothing."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import grounding.shapes_categories
+
+    code = (
+        "import sys, segmentation.offline; "
+        "print(sorted({'grounding.shapes_data', 'grounding.shapes_drawing'} & set(sys.modules)))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"
+    tree = ast.parse(Path(grounding.shapes_categories.__file__).read_text(encoding="utf-8"))
+    imports = [node for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)]
+    assert [getattr(node, "module", None) for node in imports] == ["__future__"]

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.ops import sigmoid_focal_loss
 
-from segmentation import sam_training
+from segmentation import sam_training_loop
 from segmentation.sam import BoxSegmenter
 from segmentation.sam_data import (
     SamMaskDataset,
@@ -22,15 +22,13 @@ from segmentation.sam_data import (
     read_coco_folder,
 )
 from segmentation.sam_losses import dice_loss, focal_loss, mask_iou, sam_loss
-from segmentation.sam_training import (
+from segmentation.sam_training import CONFIG_FILE, main, train
+from segmentation.sam_training_loop import (
     BEST_FILE,
     CHECKPOINT_FILE,
-    CONFIG_FILE,
     METRICS_FILE,
     TrainingOptions,
     TrainingStopped,
-    main,
-    train,
 )
 from segmentation.small_sam import SmallSamConfig, build_small_sam, export_fp16, load_small_sam
 
@@ -265,7 +263,7 @@ def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_checkpoint(shapes, tmp_path, monkeypatch, capsys):
-    real_loss = sam_training.sam_loss
+    real_loss = sam_training_loop.sam_loss
     calls = []
 
     def loss_that_breaks(*args, **kwargs):
@@ -273,7 +271,7 @@ def test_nan_loss_stops_naming_the_step_and_checkpoint(shapes, tmp_path, monkeyp
         calls.append(1)
         return (total * math.nan if len(calls) == 4 else total), terms
 
-    monkeypatch.setattr(sam_training, "sam_loss", loss_that_breaks)
+    monkeypatch.setattr(sam_training_loop, "sam_loss", loss_that_breaks)
     with pytest.raises(TrainingStopped, match=r"step 4 \(epoch 2\): the loss is nan .*"
                        r"last good checkpoint is .*last\.pt \(step 2\)"):
         train(options(shapes, tmp_path / "run"), TINY)

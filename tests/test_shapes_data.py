@@ -10,18 +10,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from grounding.shapes_data import (
-    BACKGROUNDS,
-    CATEGORIES,
-    CATEGORY_IDS,
-    COLOURS,
-    MAX_BACKGROUND_CHROMA,
-    SHAPES,
-    VAL_SEED_OFFSET,
-    generate_image,
-    generate_split,
-    main,
-)
+from grounding.shapes_categories import CATEGORIES, CATEGORY_IDS, COLOURS, SHAPES
+from grounding.shapes_data import VAL_SEED_OFFSET, generate_split, main
+from grounding.shapes_drawing import BACKGROUNDS, MAX_BACKGROUND_CHROMA, generate_image
 
 JITTER = 25
 SEED = 7

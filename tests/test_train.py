@@ -17,16 +17,20 @@ from safetensors.torch import load_file
 
 import grounding
 from grounding import train as train_module
+from grounding import train_args
+from grounding.config import tiny_config
 from grounding.dataset import CocoGroundingDataset, collate
 from grounding.losses import SetCriterion
 from grounding.model import build_model
+from grounding.native_format import is_native
 from grounding.optim import (
     freeze,
     learning_rate_factor,
     parameter_groups,
     set_training_mode,
 )
-from grounding.trainer import accumulate_gradients, read_training_state
+from grounding.training_checkpoint import read_training_state
+from grounding.training_step import accumulate_gradients
 from grounding.transformers_format import save_pretrained
 from tests.key_lists import VOCAB_FILE
 
@@ -255,6 +259,20 @@ def test_one_epoch_plus_a_resumed_epoch_equals_two_epochs(coco, tmp_path):
         torch.testing.assert_close(final_resumed[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_saved_in_our_own_format_resumes_exactly(coco, tmp_path):
+    """--config shapes has the contrastive bias transformers' format cannot hold: its
+    checkpoints are in our native format, and --resume reads them."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train_module.main(arguments(coco, whole, "--epochs", "2", config="shapes")) == 0
+    assert train_module.main(arguments(coco, parts, "--epochs", "1", config="shapes")) == 0
+    assert is_native(parts / "last")
+    assert train_module.main(arguments(coco, parts, "--epochs", "2", "--resume", config=None)) == 0
+    expected, resumed = train_lines(whole), train_lines(parts)
+    assert [line["loss"] for line in resumed] == pytest.approx(
+        [line["loss"] for line in expected], rel=1e-5
+    )
+
+
 def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint(
     coco, tmp_path, monkeypatch, capsys
 ):
@@ -294,7 +312,7 @@ def test_nan_loss_stops_naming_the_step_and_the_last_checkpoint(
 
 def test_an_unreadable_image_is_skipped(tmp_path, caplog):
     coco = write_coco(tmp_path / "data", (1,), corrupt_image=True)
-    args = train_module.parse_args(arguments(coco, tmp_path / "run", "--batch-size", "1"))
+    args = train_args.parse_args(arguments(coco, tmp_path / "run", "--batch-size", "1"))
     with caplog.at_level(logging.WARNING):
         summary = train_module.train(args)
     assert "skipping image 99" in caplog.text
@@ -304,9 +322,7 @@ def test_an_unreadable_image_is_skipped(tmp_path, caplog):
 
 def test_frozen_parts_do_not_change_and_the_rest_does(coco, tmp_path, tokenizer):
     torch.manual_seed(0)
-    start = save_pretrained(
-        build_model(train_module.tiny_config(len(tokenizer))), tmp_path / "start", tokenizer
-    )
+    start = save_pretrained(build_model(tiny_config(len(tokenizer))), tmp_path / "start", tokenizer)
     out = tmp_path / "run"
     argv = arguments(
         coco,
@@ -359,7 +375,7 @@ def test_frozen_parts_do_not_change_and_the_rest_does(coco, tmp_path, tokenizer)
 
 
 def test_parameter_groups_follow_freezing(tokenizer):
-    model = build_model(train_module.tiny_config(len(tokenizer)))
+    model = build_model(tiny_config(len(tokenizer)))
     frozen_modules = freeze(model, ["text", "decoder"])
     assert frozen_modules == ["text_backbone.bert", "decoder", "bbox_embed"]
     set_training_mode(model, frozen_modules)  # frozen parts without dropout / drop path
@@ -376,7 +392,7 @@ def test_parameter_groups_follow_freezing(tokenizer):
 
 def deterministic_config(vocab_size: int):
     """The tiny config without drop path or dropout, so that a step depends on the data only."""
-    config = train_module.tiny_config(vocab_size)
+    config = tiny_config(vocab_size)
     return replace(
         config,
         backbone=replace(config.backbone, drop_path_rate=0.0),
@@ -417,7 +433,7 @@ def test_accumulated_gradients_equal_one_large_batch(same_size_coco, tokenizer):
 
 
 def test_accumulation_run_equals_a_larger_batch_run(same_size_coco, tmp_path, monkeypatch):
-    monkeypatch.setitem(train_module.SCRATCH_CONFIGS, "deterministic", deterministic_config)
+    monkeypatch.setitem(train_args.SCRATCH_CONFIGS, "deterministic", deterministic_config)
     runs = {}
     for name, flags in {
         "batch2": ("--batch-size", "2"),
@@ -462,3 +478,44 @@ def test_bf16_is_refused_on_the_cpu(caplog):
     with caplog.at_level(logging.WARNING):
         device, bf16 = train_module.choose_device("cpu", True)
     assert device.type == "cpu" and not bf16 and "CUDA" in caplog.text
+
+
+@pytest.mark.parametrize("contrastive_bias", [True, False], ids=["native", "transformers"])
+def test_a_checkpoint_folder_takes_a_vocabulary_file_as_text_encoder(
+    coco, tmp_path, tokenizer, contrastive_bias
+):
+    """`--checkpoint DIR --text-encoder VOCAB.txt`: the file is read as without --checkpoint
+    (it used to go to the Hub as a repository id). DIR has no tokenizer files of its own here, so
+    the run can only have its vocabulary from the file."""
+    torch.manual_seed(0)
+    config = replace(tiny_config(len(tokenizer)), contrastive_bias=contrastive_bias)
+    start = grounding.save_detector(build_model(config), tmp_path / "start")
+    assert not (start / "vocab.txt").exists()
+    out = tmp_path / "run"
+    argv = arguments(coco, out, "--checkpoint", str(start), "--max-steps", "1", config=None)
+    assert train_module.main([*argv, "--text-encoder", str(VOCAB_FILE)]) == 0
+    assert read_training_state(out / "last")["progress"]["step"] == 1
+    saved = grounding.load_detector(out / "last", device="cpu").tokenizer
+    assert saved.get_vocab() == tokenizer.get_vocab()
+
+
+def test_resume_flags_are_checked_against_one_parser(monkeypatch, tmp_path):
+    built = []
+    build_parser = train_args.build_parser
+
+    def counting_build_parser():
+        built.append(1)
+        return build_parser()
+
+    monkeypatch.setattr(train_args, "build_parser", counting_build_parser)
+    args = train_args.parse_args(
+        ["--train-images", "x", "--train-annotations", "x.json", "--out", "run", "--config", "tiny"]
+    )
+    built.clear()
+    # A run recorded before any of the fixed flags existed: each is taken at its default.
+    train_args.check_resume_flags({}, args)
+    assert len(built) == 1
+    with pytest.raises(ValueError, match=r"--lr 0\.5 -> 0\.0001; --seed 3 -> 0"):
+        train_args.check_resume_flags({"lr": 0.5, "seed": 3}, args)
+    # The command line's description is the first line of grounding.train's docstring.
+    assert train_module.__doc__.split("\n")[0] == train_args.DESCRIPTION

@@ -145,7 +145,9 @@ def gathered_deformable_attention(
     # (levels, 1, 2) as (W_l, H_l), against locations (B, Q, heads, levels, points, 2)
     size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=device)[:, None]
     cells = sampling_locations.to(dtype) * size - 0.5
-    cells = torch.maximum(cells, cells.new_tensor(-1.0)).minimum(size)
+    # clamp, not maximum / minimum: at a bound those split the gradient in half, clamp passes it
+    # whole (grid_sample's gradient there: a location at -1 still moves corner 0's weight)
+    cells = cells.clamp(min=cells.new_tensor(-1.0), max=size)
     low = cells.floor()
     fraction = cells - low  # (B, Q, heads, levels, points, 2), (x, y)
     low = low.to(index_dtype) + 1  # in padded cells

@@ -210,3 +210,24 @@ def test_gradients(implementation):
     module(torch.randn(2, 5, HIDDEN), torch.rand(2, 5, len(SHAPES), 2),
            torch.randn(2, length, HIDDEN), SHAPES).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_gradients_at_cell_edges_and_map_borders_equal_grid_samples():
+    """Points exactly on cell edges (as the reference init's integer offsets put them) and on
+    the padding bounds -1 and W: the one-sided gradients grid_sample takes there."""
+    torch.manual_seed(0)
+    shapes = [(4, 4), (2, 2)]
+    value = torch.randn(1, 16 + 4, 2, 3, dtype=torch.float64)
+    cells = torch.tensor([-1.0, 0.0, 1.0, 2.5, 3.0, 4.0, -1.5, 5.0], dtype=torch.float64)
+    # (x, y) cell coordinates -> normalised on the 4 x 4 level (loc = (cell + 0.5) / 4)
+    grid = torch.cartesian_prod(cells, cells)  # (64, 2)
+    locations = ((grid + 0.5) / 4).view(1, 64, 1, 1, 1, 2).expand(1, 64, 2, 2, 1, 2).clone()
+    weights = torch.rand(1, 64, 2, 2, 1, dtype=torch.float64)
+    gradients = []
+    for implementation in (grid_sample_deformable_attention, gathered_deformable_attention):
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        out = implementation(inputs[0], shapes, inputs[1], inputs[2])
+        out.mul(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        gradients.append([t.grad for t in inputs])
+    for expected, actual in zip(*gradients, strict=True):
+        torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-12)

@@ -177,13 +177,14 @@ def tiny_detector_config() -> GroundingDINOConfig:
 
 
 def test_tiny_detector_overfits_one_batch(tokenizer):
-    """100 AdamW steps (lr 3e-3, linear decay to 0) on 2 random 64x64 images with 2 and 1 boxes.
+    """200 AdamW steps (lr 3e-3, linear decay to 0) on 2 random 64x64 images with 2 and 1 boxes.
 
-    Measured: the total falls from about 530 to about 3.5 (most of the first drop is the random
-    init's huge dot-product logits), and from about 21 at step 10 to under 0.2 of that; the
-    final layer reaches L1 about 0.005 and 1 - GIoU about 0.02. Asserted with margin: total below
-    0.3 of its step-10 value and below 0.02 of its start, L1 < 0.1, 1 - GIoU < 0.25. A constant
-    lr oscillates as the matching switches queries; the decay makes the end state stable.
+    The path is chaotic (the matching switches queries; sampling points of the reference init sit
+    exactly on cell edges, where bilinear sampling has one-sided gradients, so float rounding picks
+    a side): after 100 steps, 2 of 4 seeds were still at L1 0.15-0.24 with either deformable
+    attention implementation (grid_sample or the gather); after 200 steps all 8 runs reached
+    L1 <= 0.005 and 1 - GIoU <= 0.02. Asserted with margin: total below 0.3 of its step-10 value
+    and below 0.02 of its start, L1 < 0.05, 1 - GIoU < 0.15.
     """
     config = tiny_detector_config()
     torch.manual_seed(0)
@@ -205,7 +206,7 @@ def test_tiny_detector_overfits_one_batch(tokenizer):
                                torch.tensor([2]))]
     pixels = torch.randn(2, 3, 64, 64)
     criterion = SetCriterion()
-    steps = 100
+    steps = 200
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     history = []
@@ -219,4 +220,4 @@ def test_tiny_detector_overfits_one_batch(tokenizer):
         history.append(total.item())
     assert history[-1] < 0.3 * history[10], history[::10]
     assert history[-1] < 0.02 * history[0], history[::10]
-    assert components["loss_l1"] < 0.1 and components["loss_giou"] < 0.25, components
+    assert components["loss_l1"] < 0.05 and components["loss_giou"] < 0.15, components

@@ -55,6 +55,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from grounding.fusion import BiMultiHeadAttention
+
 QUANTIZE_MODES = ("none", "int8")
 # What int8 quantizes: where it saves time (module docstring). Elsewhere it measurably saved
 # nothing on the SwinT detector (text encoder, decoder, heads) and only added error.
@@ -62,6 +64,10 @@ INT8_PARTS = {
     "detector": ("backbone", "feature_enhancer"),
     "sam": ("image_encoder", "mask_decoder"),
 }
+
+
+# Modules that read their Linear layers' weights as matrices: never quantized.
+FOLDED = (BiMultiHeadAttention,)
 
 
 class Int8Linear(nn.Module):
@@ -154,8 +160,13 @@ def quantize_int8(module: nn.Module, *, reduce_range: bool | None = None) -> int
     parameter = next(module.parameters(), None)
     if parameter is not None and parameter.device.type != "cpu":
         raise ValueError(f"int8 quantization runs on the CPU only, not on {parameter.device}")
+    # The fusion attention multiplies its image-side projections' weights into other matrices
+    # (grounding.fusion) instead of applying them as layers: it keeps its float layers.
+    kept = {id(m) for part in module.modules() if isinstance(part, FOLDED) for m in part.modules()}
     replaced = 0
     for parent in list(module.modules()):
+        if id(parent) in kept:
+            continue
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:  # subclasses may use their weights differently
                 setattr(parent, name, Int8Linear(child, reduce_range=reduce_range))

@@ -19,6 +19,7 @@ from segmentation import fast_modes
 from segmentation import models as model_flags
 from segmentation.cli import main
 from segmentation.fast_modes import (
+    FOLDED,
     INT8_PARTS,
     Int8Linear,
     apply_fast_modes,
@@ -88,10 +89,17 @@ def test_the_quantized_models_have_int8_linear_layers(models):
     for kind, fp32, int8 in (("detector", detector.model, detector_int8.model),
                              ("sam", sam, sam_int8)):
         for name in INT8_PARTS[kind]:
-            linears = sum(type(m) is nn.Linear for m in getattr(fp32, name).modules())
+            folded = {id(m) for part in getattr(int8, name).modules() if isinstance(part, FOLDED)
+                      for m in part.modules()}
+            linears = sum(type(m) is nn.Linear for m in getattr(fp32, name).modules()) - sum(
+                type(m) is nn.Linear for m in getattr(int8, name).modules() if id(m) in folded)
             quantized = [m for m in getattr(int8, name).modules() if isinstance(m, Int8Linear)]
             assert linears > 0 and len(quantized) == linears, name
-            assert not any(type(m) is nn.Linear for m in getattr(int8, name).modules())
+            # every Linear but the fusion attention's (it multiplies their weights) is int8
+            assert not any(type(m) is nn.Linear for m in getattr(int8, name).modules()
+                           if id(m) not in folded)
+            assert all(type(m) is not Int8Linear for m in getattr(int8, name).modules()
+                       if id(m) in folded)
             weight, _ = torch.ops.quantized.linear_unpack(quantized[0]._packed)
             assert weight.dtype == torch.qint8
             total += linears

@@ -5,7 +5,9 @@ Compared, stage by stage (ours | peer):
   transformers-format loader from the directory transformers' `save_pretrained` wrote) |
   transformers' `GroundingDinoForObjectDetection` forward on the same pixels and token ids
   (`token_type_ids` zeros, under `inference_mode`). Both sides tokenize inside the timing.
-- SAM image embedding: `BoxSegmenter.embed(image)` | `SamPredictor.set_image(image)`, one SAM.
+- SAM image embedding: `BoxSegmenter.embed(image)` on the SAM `segmentation.sam.build_sam` loads
+  from the weights saved to a temp file | `SamPredictor.set_image(image)` on segment_anything's
+  model with those weights.
 - mask decoding of --boxes fixed boxes: `BoxSegmenter.segment(boxes)` |
   `SamPredictor.predict_torch` on `transform.apply_boxes_torch` boxes, `multimask_output=False`,
   masks and scores copied to the host (as `segment` returns them).
@@ -43,6 +45,7 @@ the machine (the header line of the output).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -61,7 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grounding  # noqa: E402
 from grounding.transforms import preprocess  # noqa: E402
 from segmentation.pipeline import GroundedSAM, LookAhead  # noqa: E402
-from segmentation.sam import BoxSegmenter  # noqa: E402
+from segmentation.sam import BoxSegmenter, build_sam  # noqa: E402
+from segmentation.sam_attention import accelerate_sam  # noqa: E402
 
 VOCAB = Path(__file__).resolve().parents[1] / "tests" / "data" / "bert-base-uncased-vocab.txt"
 CAPTION = "a cat . a remote control ."
@@ -92,9 +96,10 @@ def main() -> None:
         hf_model, processor = save_random_transformers_model(Path(directory), args.tiny,
                                                              (height, width), args.seed)
         detector = grounding.load_detector(directory, device=device)
+        sam = build_random_sam(args.sam_variant, args.tiny, args.seed).to(device).eval()
+        our_sam = load_our_sam(sam, args.sam_variant, args.tiny, Path(directory), device)
     hf_model.to(device)
-    sam = build_random_sam(args.sam_variant, args.tiny, args.seed).to(device).eval()
-    stages = build_stages(args, device, image, hf_model, processor, detector, sam)
+    stages = build_stages(args, device, image, hf_model, processor, detector, our_sam, sam)
     rss_before = current_rss_bytes()
     for stage in stages:  # warm-up, and the outputs that are compared
         stage.compared = stage.difference(stage.ours(), stage.peer())
@@ -193,7 +198,20 @@ def build_random_sam(variant: str, tiny: bool, seed: int):
     return sam_model_registry[variant](checkpoint=None)
 
 
-def build_stages(args, device, image, hf_model, processor, detector, sam) -> list[Stage]:
+def load_our_sam(sam, variant: str, tiny: bool, directory: Path, device: torch.device):
+    """`sam`'s weights as our code loads them: saved, then `build_sam` (SDPA attention).
+
+    The tiny SAM is not in segment_anything's registry: it gets `accelerate_sam`, the step
+    `build_sam` adds to the registry's model."""
+    if tiny:
+        return accelerate_sam(copy.deepcopy(sam))
+    path = directory / f"sam_{variant}.pth"
+    torch.save(sam.state_dict(), path)
+    return build_sam(variant, path, device=device)
+
+
+def build_stages(args, device, image, hf_model, processor, detector, our_sam,
+                 sam) -> list[Stage]:
     from segment_anything import SamPredictor
 
     height, width = image.shape[:2]
@@ -209,7 +227,7 @@ def build_stages(args, device, image, hf_model, processor, detector, sam) -> lis
                             token_type_ids=torch.zeros_like(tokens["input_ids"]))
 
     n_tokens = len(tokenizer(CAPTION)["input_ids"])
-    segmenter, predictor = BoxSegmenter(sam), SamPredictor(sam)
+    segmenter, predictor = BoxSegmenter(our_sam), SamPredictor(sam)
     boxes = fixed_boxes(args.boxes, height, width, args.seed)
 
     def peer_masks():

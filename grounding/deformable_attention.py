@@ -161,14 +161,17 @@ def gathered_deformable_attention(
         + level_starts[:, None]
         + head_starts.view(batch, 1, heads, 1, 1)
     )
-    # corners in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1): (levels, 4)
-    corner_steps = torch.stack([widths * 0, widths * 0 + 1, widths, widths + 1], -1)
-    index = top_left[..., None] + corner_steps[:, None, :]  # (B, Q, heads, levels, points, 4)
-    x_weights = torch.stack([1 - fraction[..., 0], fraction[..., 0]], -1)  # (..., 2)
-    y_weights = torch.stack([1 - fraction[..., 1], fraction[..., 1]], -1)
-    y_weights = y_weights * attention_weights.to(dtype)[..., None]
-    # (..., 2, 1) * (..., 1, 2) -> (..., 4), the corners' order above
-    weights = (y_weights[..., :, None] * x_weights[..., None, :]).flatten(-2)
+    below = top_left + widths[:, None]
+    # The corners on a dimension of their own before (levels, points), so that every bag of
+    # 4 * levels * points entries is contiguous; stacking there is cheaper than broadcasting
+    # into a trailing dimension of 4 (0.08 s vs 0.13 s per encoder layer, 2 threads).
+    # (B, Q, heads, 4, levels, points): corners (y0, x0), (y0, x1), (y1, x0), (y1, x1)
+    index = torch.stack([top_left, top_left + 1, below, below + 1], dim=3)
+    x1_fraction, y1_fraction = fraction[..., 0], fraction[..., 1]
+    y1_weights = attention_weights.to(dtype) * y1_fraction
+    y0_weights = attention_weights.to(dtype) - y1_weights
+    y0_x1, y1_x1 = y0_weights * x1_fraction, y1_weights * x1_fraction
+    weights = torch.stack([y0_weights - y0_x1, y0_x1, y1_weights - y1_x1, y1_x1], dim=3)
     bags = batch * queries * heads
     output = F.embedding_bag(
         index.reshape(bags, -1), table, per_sample_weights=weights.reshape(bags, -1), mode="sum"

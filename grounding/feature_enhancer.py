@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .config import GroundingDINOConfig
 from .deformable_attention import MultiScaleDeformableAttention
+from .fused_linear import fused_linear
 from .fusion import BiAttentionBlock
 from .position_encoding import text_position_embedding
 
@@ -126,7 +127,8 @@ class DeformableEncoderLayer(nn.Module):
             vision + vision_pos, reference_points, vision, spatial_shapes, vision_padding_mask
         )
         vision = self.norm1(vision + attended)
-        return self.norm2(vision + self.linear2(self.linear1(vision).relu()))
+        hidden = fused_linear(vision, self.linear1, "relu")  # (B, S, ffn_dim)
+        return self.norm2(vision + fused_linear(hidden, self.linear2))
 
 
 def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:

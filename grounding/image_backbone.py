@@ -34,6 +34,7 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from timm.models.swin_transformer import (
     SwinTransformer,
     SwinTransformerBlock,
@@ -44,6 +45,7 @@ from timm.models.swin_transformer import (
 from torch import nn
 
 from grounding.config import SwinConfig
+from grounding.fused_linear import fused_linear, is_exact_gelu
 
 
 class _ReferenceSwinBlock(SwinTransformerBlock):
@@ -78,6 +80,16 @@ class _ReferenceSwinBlock(SwinTransformerBlock):
         return x[:, :height, :width].contiguous()
 
 
+class _FusedMlp(Mlp):
+    """timm's Swin MLP with fc1 + GELU and fc2 as single oneDNN calls in inference on the CPU
+    (`grounding.fused_linear`); in training (dropout) or with another activation, timm's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not is_exact_gelu(self.act) or not isinstance(self.norm, nn.Identity):
+            return super().forward(x)
+        return fused_linear(fused_linear(x, self.fc1, "gelu"), self.fc2)
+
+
 class ImageBackbone(nn.Module):
     """Swin backbone returning the LayerNorm'ed maps of `config.out_indices`.
 
@@ -106,6 +118,8 @@ class ImageBackbone(nn.Module):
         for stage in self.swin.layers:
             for block in cast(SwinTransformerStage, stage).blocks:
                 block.__class__ = _ReferenceSwinBlock
+                if type(block.mlp) is Mlp:
+                    block.mlp.__class__ = _FusedMlp
         self.norms = nn.ModuleList(
             nn.LayerNorm(channels, eps=config.layer_norm_eps) for channels in config.out_channels
         )

@@ -15,8 +15,12 @@ exists. The scores and softmax never leave the fused kernel (CPU: PyTorch's flas
 kernel, which takes a float mask; on CUDA a float mask rules out the flash backend, so SDPA picks
 the memory-efficient or cuDNN one).
 
-`accelerate_sam(sam)` re-classes every `Attention` of `sam.image_encoder` in place: the same module
-objects, parameters, state-dict keys and submodules, so checkpoints load the same and
+The Linear layers (qkv, proj and the MLPs' `lin1` + GELU, `lin2`) run as single oneDNN calls on the
+CPU (`grounding.fused_linear`: no bias copy, the GELU as a post-op).
+
+`accelerate_sam(sam)` re-classes every `Attention` (and `MLPBlock`) of `sam.image_encoder` in
+place: the same module objects, parameters, state-dict keys and submodules, so checkpoints load the
+same and
 `SamPredictor` / `segmentation.sam.BoxSegmenter` work unchanged. `segmentation.sam.build_sam` and
 `segmentation.small_sam.load_small_sam` apply it to every SAM they load. SAM ViT-B's whole image
 encoder on 2 CPU threads: 11.1 s -> 7.0 s (`scripts/benchmark_peers.py`, README).
@@ -27,8 +31,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
+from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import Tensor
+
+from grounding.fused_linear import fused_linear, is_exact_gelu
 
 # Mask elements per SDPA call on the CPU, 64 MiB in fp32: 4 to 8 image rows of queries per call in
 # SAM's 64 x 64 global blocks (8 to 16 heads), one call for its windowed blocks. On one core, 4 to
@@ -54,7 +61,7 @@ class FastAttention(Attention):
         batch, height, width, _ = x.shape
         # (B, H*W, 3, heads, C) -> (3, B, heads, H*W, C); SDPA wants 4-D (a 3-D input takes its
         # unfused math path on the CPU).
-        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
+        qkv = fused_linear(x, self.qkv).reshape(batch, height * width, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.use_rel_pos:
             out = rel_pos_attention(
@@ -71,7 +78,17 @@ class FastAttention(Attention):
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         # (B, heads, H*W, C) -> (B, H, W, heads, C) -> (B, H, W, heads * C)
         out = out.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
-        return self.proj(out.reshape(batch, height, width, -1))
+        return fused_linear(out.reshape(batch, height, width, -1), self.proj)
+
+
+class FastMLPBlock(MLPBlock):
+    """segment_anything's `MLPBlock` with each Linear (and the exact GELU after the first) as one
+    oneDNN call on the CPU (`grounding.fused_linear`); same parameters and keys."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not is_exact_gelu(self.act):
+            return super().forward(x)
+        return fused_linear(fused_linear(x, self.lin1, "gelu"), self.lin2)
 
 
 def decomposed_rel_pos(
@@ -154,10 +171,12 @@ def rel_pos_attention(
 
 
 def accelerate_sam(sam: Sam, *, bias_elements: int | None = None) -> Sam:
-    """Route every attention of `sam.image_encoder` through SDPA, in place; returns `sam`.
+    """Route every attention of `sam.image_encoder` through SDPA and its MLPs' Linear layers
+    through `fused_linear`, in place; returns `sam`.
 
-    The `Attention` modules are re-classed to `FastAttention` (a subclass adding only `forward`),
-    so the module tree, the parameter objects and the state-dict keys stay exactly as they were.
+    The `Attention` and `MLPBlock` modules are re-classed to `FastAttention` and `FastMLPBlock`
+    (subclasses adding only `forward`), so the module tree, the parameter objects and the
+    state-dict keys stay exactly as they were.
     Idempotent; a second call only updates `bias_elements`.
 
     Args:
@@ -170,6 +189,8 @@ def accelerate_sam(sam: Sam, *, bias_elements: int | None = None) -> Sam:
             module.__class__ = FastAttention
             module.bias_elements = bias_elements
             count += 1
+        elif type(module) is MLPBlock:
+            module.__class__ = FastMLPBlock
     if not count:
         raise ValueError("sam.image_encoder has no segment_anything Attention module")
     return sam
@@ -181,12 +202,15 @@ def restore_sam(sam: Sam) -> Sam:
         if isinstance(module, FastAttention):
             module.__class__ = Attention
             module.__dict__.pop("bias_elements", None)
+        elif isinstance(module, FastMLPBlock):
+            module.__class__ = MLPBlock
     return sam
 
 
 __all__ = [
     "DEFAULT_BIAS_ELEMENTS",
     "FastAttention",
+    "FastMLPBlock",
     "accelerate_sam",
     "decomposed_rel_pos",
     "rel_pos_attention",

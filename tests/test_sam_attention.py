@@ -19,12 +19,14 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention
 from torch import nn
 
 from segmentation.sam import BoxSegmenter
 from segmentation.sam_attention import (
     FastAttention,
+    FastMLPBlock,
     accelerate_sam,
     rel_pos_attention,
     restore_sam,
@@ -142,6 +144,10 @@ def test_accelerate_sam_keeps_modules_parameters_and_state_dict():
     assert [block.attn for block in sam.image_encoder.blocks] == attentions
     assert all(type(module) is FastAttention and isinstance(module, Attention)
                for module in attentions)
+    mlps = [block.mlp for block in sam.image_encoder.blocks]
+    assert all(type(module) is FastMLPBlock for module in mlps)
+    # the mask decoder's MLPs stay segment_anything's
+    assert not any(isinstance(m, FastMLPBlock) for m in sam.mask_decoder.modules())
     after = sam.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[key], before[key]) for key in before)
@@ -153,6 +159,7 @@ def test_accelerate_sam_keeps_modules_parameters_and_state_dict():
     restore_sam(sam)
     assert all(type(module) is Attention and "bias_elements" not in vars(module)
                for module in attentions)
+    assert all(type(module) is MLPBlock for module in mlps)
 
 
 def test_accelerate_sam_refuses_an_encoder_without_segment_anything_attention():

@@ -1,0 +1,77 @@
+"""A Linear layer and its activation as one oneDNN call on the CPU (inference).
+
+`F.linear` on a CPU first copies the bias into every output row, then multiplies into it, and an
+activation reads and writes the whole output once more. oneDNN, which PyTorch ships, can add the
+bias and apply ReLU or GELU as post-ops of the matrix product. PyTorch exposes that as
+`torch.ops.mkldnn._linear_pointwise` (what its compiler, inductor, emits for `linear` + activation
+on a CPU); `fused_linear` calls it where it applies and falls back to the plain ops elsewhere:
+
+- only float32 tensors on the CPU, a plain `nn.Linear` (not an int8 replacement), and no autograd
+  (the op has no backward), so training and every other device take the plain path;
+- GELU means the exact (erf) form, as `nn.GELU()`; the tanh approximation is never fused.
+
+Measured on 2 cores of an AVX-512 EPYC (torch 2.11, fp32, medians): SAM ViT-B's MLP, 4096 tokens,
+768 -> 3072 + GELU 0.138 -> 0.108 s and 3072 -> 768 0.099 -> 0.089 s; the feature enhancer's FFN
+at 800 x 1200 (19,947 tokens), 256 -> 2048 + ReLU 0.166 -> 0.146 s and 2048 -> 256 0.122 ->
+0.096 s; Swin-T's first-stage MLP 96 -> 384 + GELU 0.088 -> 0.057 s. Outputs within 4e-6 of the
+plain path (float rounding of another summation order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# activation -> (oneDNN post-op, its algorithm, the plain function)
+_ACTIVATIONS = {
+    "none": ("none", "", lambda x: x),
+    "relu": ("relu", "", torch.relu_),  # in place on the fresh output: autograd allows it
+    "gelu": ("gelu", "none", F.gelu),  # "none": the exact erf form, not tanh
+}
+
+
+def _fusable(x: Tensor, linear: nn.Module) -> bool:
+    return (
+        type(linear) is nn.Linear
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and linear.weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
+        and _ONEDNN
+    )
+
+
+def fused_linear(x: Tensor, linear: nn.Module, activation: str = "none") -> Tensor:
+    """`activation(linear(x))`, in one oneDNN call where it applies (module docstring).
+
+    Args:
+        x: (..., in_features).
+        linear: an `nn.Linear` (any module computing a linear map works on the plain path).
+        activation: "none", "relu" or "gelu" (exact).
+
+    Returns:
+        (..., out_features), as the plain ops up to float rounding.
+    """
+    post_op, algorithm, plain = _ACTIVATIONS[activation]
+    if _fusable(x, linear):
+        bias = linear.bias
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, bias, post_op, [], algorithm)
+    return plain(linear(x))
+
+
+def is_exact_gelu(module: nn.Module) -> bool:
+    """True for `nn.GELU()` with the exact (erf) form: what `activation="gelu"` computes."""
+    return type(module) is nn.GELU and module.approximate == "none"
+
+
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(
+            torch.ops.mkldnn, "_linear_pointwise"
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = _onednn_available()

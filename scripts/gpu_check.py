@@ -25,6 +25,15 @@ the run goes on; each has a share of `--budget` seconds, so the run stays within
   positions); and, when `segmentation/sam_attention.py` exists, `accelerate_sam(sam)` (SAM's
   ViT attention through SDPA) against plain segment_anything: outputs, kernels used (profiler),
   embedding time.
+- deform: the two multi-scale deformable attention implementations of
+  `grounding/deformable_attention.py`, `grid_sample_deformable_attention` (what
+  `multi_scale_deformable_attention` dispatches to off the CPU) and
+  `gathered_deformable_attention` (the CPU's), alone on random inputs at SwinT's sizes for an
+  800 x 1200 image (levels 100x150, 50x75, 25x38, 13x19; 8 heads x 32, 4 points; the encoder's
+  19,947 queries and the decoder's 900; value N(0, 1), locations uniform in [-0.1, 1.1], softmax
+  weights): largest output difference in fp32 (target <= 1e-4), then with a bf16 value under
+  bf16 autocast (as the model's value projection gives it, reported), medians of --runs calls
+  after a warm-up, and which one the dispatch picks; one line says which is faster on the device.
 - bench: medians of --runs interleaved rounds after one warm-up (CUDA synchronised around every
   call; peak GPU memory per stage): our detector vs transformers' `GroundingDinoForObjectDetection`
   (eager, fp32 and bf16 autocast), SAM embedding `BoxSegmenter.embed` vs
@@ -101,9 +110,10 @@ from segmentation.sam import BoxSegmenter  # noqa: E402
 CAPTION = peers.CAPTION
 TEXT_THRESHOLD = peers.TEXT_THRESHOLD
 BOXES = 5
-SECTIONS = ("env", "parity", "autocast", "sync", "sdpa", "bench")
+SECTIONS = ("env", "parity", "autocast", "sync", "sdpa", "deform", "bench")
 # Shares of --budget; a section's unused time goes to the ones after it.
-SHARES = {"env": 0.02, "parity": 0.2, "autocast": 0.12, "sync": 0.06, "sdpa": 0.15, "bench": 0.45}
+SHARES = {"env": 0.02, "parity": 0.2, "autocast": 0.12, "sync": 0.06, "sdpa": 0.15, "deform": 0.03,
+          "bench": 0.42}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Targets.
 PARITY_BOX_ATOL, PARITY_LOGIT_RTOL, PARITY_EMBED_RTOL, PARITY_MASK_IOU = 1e-3, 1e-3, 1e-3, 0.99
@@ -111,6 +121,13 @@ AUTOCAST_MATCH, AUTOCAST_CELLS, AUTOCAST_MASK_IOU = 0.9, 0.9, 0.95
 # Detections within this of the threshold may flip either way under rounding: not counted.
 AUTOCAST_MARGIN = 0.02
 TEXT_TO_MASKS_MS, DETECTOR_SPEEDUP = 30.0, 5.0
+DEFORM_ATOL = 1e-4  # fp32 outputs of the two deformable attentions (about 1e-5 on a CPU)
+# Deformable attention inputs: SwinT's four levels for an 800 x 1200 image (strides 8 to 64),
+# heads, head width, points, decoder queries; with --tiny much smaller levels and queries.
+DEFORM_SHAPES = [(100, 150), (50, 75), (25, 38), (13, 19)]
+DEFORM_TINY_SHAPES = [(16, 24), (8, 12), (4, 6), (2, 3)]
+DEFORM_HEADS, DEFORM_HEAD_DIM, DEFORM_POINTS = 8, 32, 4
+DEFORM_QUERIES, DEFORM_TINY_QUERIES = 900, 100
 
 
 # ----------------------------------------------------------------------------- report
@@ -800,6 +817,111 @@ def describe_ops(ops: dict[str, int]) -> str:
     return ", ".join(f"{name} x{count}" for name, count in ops.items()) or "none"
 
 
+def deformable_inputs(spatial_shapes: list[tuple[int, int]], queries: int, seed: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch 1: value N(0, 1) `(1, S, heads, head_dim)`, sampling locations uniform in
+    [-0.1, 1.1] (some off the map) and softmax weights; drawn on the CPU, the same on every
+    device."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens, levels = sum(h * w for h, w in spatial_shapes), len(spatial_shapes)
+    value = torch.randn(1, tokens, DEFORM_HEADS, DEFORM_HEAD_DIM, generator=generator)
+    locations = torch.rand(1, queries, DEFORM_HEADS, levels, DEFORM_POINTS, 2,
+                           generator=generator) * 1.2 - 0.1
+    weights = torch.randn(1, queries, DEFORM_HEADS, levels * DEFORM_POINTS, generator=generator)
+    weights = weights.softmax(-1).view(1, queries, DEFORM_HEADS, levels, DEFORM_POINTS)
+    return value.to(device), locations.to(device), weights.to(device)
+
+
+def faster_or_slower(ratio: float) -> str:
+    """`ratio` = grid_sample time / gathered time, in words for the gathered one."""
+    return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+
+
+def section_deform(ctx: Context, report: Report, deadline: float) -> None:
+    """grid_sample vs gathered multi-scale deformable attention alone, on the device."""
+    from grounding import deformable_attention as deform
+
+    device, kind = ctx.device, ctx.device.type
+    shapes = DEFORM_TINY_SHAPES if ctx.args.tiny else DEFORM_SHAPES
+    tokens = sum(h * w for h, w in shapes)
+    cases = {"encoder": tokens, "decoder": DEFORM_TINY_QUERIES if ctx.args.tiny
+             else DEFORM_QUERIES}
+    implementations = {"grid_sample": deform.grid_sample_deformable_attention,
+                       "gathered": deform.gathered_deformable_attention}
+    data = report.data["deform"] = {
+        "spatial_shapes": shapes, "heads": DEFORM_HEADS, "head_dim": DEFORM_HEAD_DIM,
+        "points": DEFORM_POINTS, "queries": cases, "dispatch": None, "ratio": {}}
+    shape = (f"{len(shapes)} levels {'/'.join(f'{h}x{w}' for h, w in shapes)}, {DEFORM_HEADS} "
+             f"heads x {DEFORM_HEAD_DIM}, {DEFORM_POINTS} points")
+    for case, queries in cases.items():
+        value, locations, weights = deformable_inputs(shapes, queries, ctx.args.seed, device)
+        reference = None  # grid_sample's fp32 output
+        for mode in ("fp32", "bf16"):
+            check = f"{case} ({queries} queries) {mode}"
+            with guarded(report, "deform", check):
+                # bf16: the value as the model's value projection gives it under autocast;
+                # locations and softmax weights stay fp32 there too.
+                mode_value = value if mode == "fp32" else value.to(torch.bfloat16)
+
+                def call(fn, mode=mode, inputs=(mode_value, shapes, locations, weights)):
+                    with precision(device, mode), torch.inference_mode():
+                        return fn(*inputs)
+
+                outputs = {name: call(fn) for name, fn in implementations.items()}
+                times = {name: median_ms(lambda fn=fn: call(fn), device, ctx.args.runs, deadline)
+                         for name, fn in implementations.items()}
+                difference = float((outputs["gathered"].float()
+                                    - outputs["grid_sample"].float()).abs().max())
+                entry = {"max_abs": difference, "dtype": str(outputs["gathered"].dtype),
+                         **{f"{name}_ms": ms for name, (ms, _) in times.items()},
+                         **{f"{name}_times_ms": runs for name, (_, runs) in times.items()}}
+                if mode == "fp32":
+                    reference = outputs["grid_sample"]
+                    report.check("deform", f"{check}: gathered vs grid_sample",
+                                 f"max abs {difference:.1e} (outputs up to "
+                                 f"{float(reference.abs().max()):.2f}); {shape}",
+                                 f"<= {DEFORM_ATOL:.0e}", difference <= DEFORM_ATOL)
+                    if case == "encoder":  # which one the dispatch runs: the same output
+                        used = call(deform.multi_scale_deformable_attention)
+                        off = {name: float((used - out).abs().max())
+                               for name, out in outputs.items()}
+                        closest = min(off, key=off.get)
+                        data["dispatch"] = closest if off[closest] == 0 else (
+                            f"{closest}? (closest, off by {off[closest]:.1e})")
+                else:
+                    to_fp32 = {name: float((out.float() - reference.float()).abs().max())
+                               if reference is not None else float("nan")
+                               for name, out in outputs.items()}
+                    entry["max_abs_vs_fp32"] = to_fp32
+                    report.add("deform", f"{check} autocast, bf16 value: gathered vs grid_sample",
+                               f"max abs {difference:.1e} ({entry['dtype']} outputs); vs fp32 "
+                               f"grid_sample: grid_sample {to_fp32['grid_sample']:.1e}, "
+                               f"gathered {to_fp32['gathered']:.1e}", "(reported)")
+                grid_ms, gathered_ms = times["grid_sample"][0], times["gathered"][0]
+                ratio = grid_ms / gathered_ms
+                data["ratio"][check] = ratio
+                data[check] = entry
+                report.add("deform", f"{check}: time grid_sample / gathered",
+                           f"{grid_ms:.2f} ms / {gathered_ms:.2f} ms = {ratio:.2f}x (gathered "
+                           f"{faster_or_slower(ratio)}; median of {len(times['gathered'][1])})")
+    ratios = data["ratio"]
+    if not ratios:
+        return
+    # The headline: the encoder in fp32 (the bulk of the model's deformable attention time).
+    headline = f"encoder ({tokens} queries) fp32"
+    headline = headline if headline in ratios else next(iter(ratios))
+    others = [f"{check}: {faster_or_slower(ratio)}" for check, ratio in ratios.items()
+              if check != headline]
+    dispatch = data["dispatch"] or "unknown (the encoder fp32 check failed)"
+    summary = (f"deformable attention on {kind}: gathered is "
+               f"{faster_or_slower(ratios[headline])} than grid_sample ({headline}; "
+               + "".join(f"{other}; " for other in others)
+               + f"dispatch uses {dispatch} on {kind})")
+    print(summary, flush=True)
+    report.add("deform", f"which to dispatch to on {kind}",
+               summary.removeprefix(f"deformable attention on {kind}: "))
+
+
 @dataclass
 class Stage:
     name: str
@@ -1005,7 +1127,8 @@ def section_bench(ctx: Context, report: Report, deadline: float) -> None:
 
 
 SECTION_FUNCTIONS = {"env": section_env, "parity": section_parity, "autocast": section_autocast,
-                     "sync": section_sync, "sdpa": section_sdpa, "bench": section_bench}
+                     "sync": section_sync, "sdpa": section_sdpa, "deform": section_deform,
+                     "bench": section_bench}
 
 
 # ----------------------------------------------------------------------------- main

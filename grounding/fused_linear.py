@@ -7,7 +7,9 @@ bias and apply ReLU or GELU as post-ops of the matrix product. PyTorch exposes t
 on a CPU); `fused_linear` calls it where it applies and falls back to the plain ops elsewhere:
 
 - only float32 tensors on the CPU, a plain `nn.Linear` (not an int8 replacement), and no autograd
-  (the op has no backward), so training and every other device take the plain path;
+  (the op has no backward), so training and every other device take the plain path; under
+  `torch.compile` (`--compile`) too: inductor fuses Linear + activation itself and cannot lower
+  this op with unpacked weights;
 - GELU means the exact (erf) form, as `nn.GELU()`; the tanh approximation is never fused.
 
 Measured on 2 cores of an AVX-512 EPYC (torch 2.11, fp32, medians): SAM ViT-B's MLP, 4096 tokens,
@@ -34,6 +36,8 @@ _ACTIVATIONS = {
 def _fusable(x: Tensor, linear: nn.Module) -> bool:
     return (
         type(linear) is nn.Linear
+        # torch.compile fuses on its own, and its lowering of this op wants prepacked weights
+        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and linear.weight.dtype == torch.float32

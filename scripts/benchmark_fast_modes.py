@@ -6,7 +6,8 @@
 Random weights (no downloads; the speed does not depend on them, the int8 error somewhat does:
 trained weights have other ranges), the modes of `segmentation.fast_modes`:
 
-- `--model sam`: SAM ViT-B's image encoder on one 1024 x 1024 input (the part that runs once per
+- `--model sam`: SAM ViT-B's image encoder (as `build_sam` returns it, `accelerate_sam`
+  applied) on one 1024 x 1024 input (the part that runs once per
   image; the mask decoder is small). Modes fp32, int8, compile, int8 + compile. Delta: the image
   embedding (1, 256, 64, 64) against fp32's.
 - `--model detector`: Grounding DINO SwinT-OGC at `--size` (800 x 1200: an 800 x 1200 photo after
@@ -38,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from segmentation.fast_modes import INT8_PARTS, compile_models, quantize_int8  # noqa: E402
+from segmentation.sam_attention import accelerate_sam  # noqa: E402
 
 TIME_COLUMNS = ("first call s", "then s", "then CPU s")
 
@@ -70,7 +72,8 @@ def benchmark_sam(modes: list[str], runs: int) -> list[tuple[str, ...]]:
     from segment_anything import sam_model_registry
 
     torch.manual_seed(0)
-    sam = sam_model_registry["vit_b"](checkpoint=None).eval()
+    # as build_sam returns it: SDPA attention, fused Linear layers
+    sam = accelerate_sam(sam_model_registry["vit_b"](checkpoint=None).eval())
     pixels = torch.randn(1, 3, 1024, 1024)
     rows, reference = [], None
     for mode in modes:

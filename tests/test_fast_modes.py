@@ -185,6 +185,21 @@ def test_compile_marks_sam_encoder_when_a_compiler_exists(monkeypatch):
     assert sam.mask_decoder._compiled_call_impl is None
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.skipif(fast_modes.missing_compiler("cpu") is not None, reason="no C++ compiler")
+def test_compiled_sam_encoder_equals_eager():
+    """As build_sam returns SAM (SDPA attention, fused Linear layers), compiled for real."""
+    from segmentation.sam_attention import accelerate_sam
+    from segmentation.tiny_models import tiny_sam
+
+    sam = accelerate_sam(tiny_sam(image_size=256))
+    pixels = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        expected = sam.image_encoder(pixels)
+        assert compile_models(sam) is True
+        torch.testing.assert_close(sam.image_encoder(pixels), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_quantize_int8_refuses_models_off_the_cpu():
     with pytest.raises(ValueError, match="CPU only"):
         quantize_int8(nn.Sequential(nn.Linear(4, 4, device="meta")))

@@ -23,7 +23,8 @@ place: the same module objects, parameters, state-dict keys and submodules, so c
 same and
 `SamPredictor` / `segmentation.sam.BoxSegmenter` work unchanged. `segmentation.sam.build_sam` and
 `segmentation.small_sam.load_small_sam` apply it to every SAM they load. SAM ViT-B's whole image
-encoder on 2 CPU threads: 11.1 s -> 7.0 s (`scripts/benchmark_peers.py`, README).
+encoder on 2 CPU threads: 11.1 s -> 7.0 s with SDPA, 6.4 s with the fused Linear layers too
+(`scripts/benchmark_peers.py`, README).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ says how the boxes the threshold drops get decoded before anyone asks for them:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
@@ -112,6 +113,7 @@ class BackgroundDecoder:
         self.job: LookAheadJob | None = None
         self._newest = -1  # `order` of the newest job handed over
         self._worker: threading.Thread | None = None
+        self._stop_registered = False
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -139,10 +141,22 @@ class BackgroundDecoder:
             self._newest = job.order
             self.job = job
             if self._worker is None:
+                if not self._stop_registered:
+                    atexit.register(self.stop)
+                    self._stop_registered = True
                 self._worker = threading.Thread(
                     target=self._work, daemon=True, name="grounded-sam-lookahead"
                 )
                 self._worker.start()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Drop the job and wait until the thread has finished its chunk and ended; False on
+        timeout. Registered with `atexit`: a daemon thread still inside torch when the interpreter
+        shuts down aborts the process ("terminate called without an active exception")."""
+        with self._jobs:
+            self.job = None
+            self._jobs.notify_all()
+        return self.wait_idle(timeout)
 
     def _work(self) -> None:
         """Decode the latest job a chunk at a time whenever no request is waiting; exit when

@@ -43,3 +43,57 @@ def test_look_ahead_modes_say_how_many_boxes_each_mechanism_decodes():
         LookAhead(mode="sometimes")
     with pytest.raises(ValueError, match="boxes"):
         LookAhead.prefetch(-1)
+
+
+EXIT_SCRIPT = """
+import threading, time, torch
+from segmentation.look_ahead import BackgroundDecoder, LookAheadJob
+torch.set_num_threads(2)
+started = threading.Event()
+def decode_chunk(job):
+    started.set()
+    a = torch.randn(1500, 1500)
+    for _ in range(40):
+        a = (a @ a).tanh()  # inside torch, on OpenMP threads, when the interpreter exits
+    return False
+decoder = BackgroundDecoder(threading.Lock(), decode_chunk)
+decoder.submit(LookAheadJob("image", None, None, (0.3, 0.25, None)))
+started.wait(30)
+"""
+
+
+def test_exiting_while_the_background_thread_decodes_is_clean():
+    """The process ends with status 0 and no "terminate called": at exit the decoder drops its
+    job and waits for the chunk it is in (a daemon thread inside torch aborts the interpreter's
+    shutdown otherwise)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "terminate called" not in result.stderr
+
+
+def test_stop_drops_the_job_and_ends_the_thread():
+    import threading
+    import time
+
+    from segmentation.look_ahead import BackgroundDecoder, LookAheadJob
+
+    chunks = []
+
+    def decode_chunk(job):
+        chunks.append(job)
+        time.sleep(0.05)
+        return False  # never finished on its own
+
+    decoder = BackgroundDecoder(threading.Lock(), decode_chunk)
+    decoder.submit(LookAheadJob("image", None, None, (0.3, 0.25, None)))
+    while not chunks:
+        time.sleep(0.01)
+    assert decoder.stop(timeout=10)
+    assert decoder.job is None and decoder.wait_idle(timeout=0)
+    count = len(chunks)
+    time.sleep(0.2)
+    assert len(chunks) == count  # nothing decoded after stop

@@ -217,6 +217,18 @@ def build_demo(config: AppConfig, handlers: GroundedSamApp | None = None) -> gr.
                 **shared,
             )
         make_zip.click(handlers.ui_zip, inputs, downloads, api_visibility="private", **shared)
+        # SAM's embedding starts on upload, while the prompt is typed (its own queue: the
+        # handler only decodes the image and hands it to the pipeline's thread).
+        image.upload(
+            handlers.ui_prepare,
+            [image, session],
+            session,
+            api_visibility="private",
+            show_progress="hidden",
+            preprocess=False,
+            concurrency_id="prepare",
+            concurrency_limit=1,
+        )
         demo.load(
             handlers.load_on_page_open,
             outputs=status,

@@ -181,3 +181,62 @@ class BackgroundDecoder:
                 with self._jobs:
                     if self.job is job:
                         self.job = None
+
+
+class ImagePreparer:
+    """A thread that computes SAM's image embedding of the newest image handed to it before any
+    request asks for it (in the app: on upload, while the user types the prompt; the embedding
+    is more than half of a first run on a CPU).
+
+    Args:
+        lock: held by requests while models run; the thread holds it for one embedding, so a
+            request arriving meanwhile waits for it (and then finds it cached if it is the
+            same image).
+        embed: computes and caches the embedding of (key, pixels), under `lock`.
+    """
+
+    def __init__(self, lock: threading.Lock, embed: Callable[[str, np.ndarray], object]):
+        self._lock = lock
+        self._embed = embed
+        self._state = threading.Condition()  # guards the fields below
+        self._next: tuple[str, np.ndarray] | None = None  # only the newest image waits
+        self._worker: threading.Thread | None = None
+        self._stop_registered = False
+
+    def submit(self, key: str, pixels: np.ndarray) -> None:
+        """Embed `pixels` (cache key `key`) next, replacing an image still waiting."""
+        with self._state:
+            self._next = (key, pixels)
+            if self._worker is None:
+                if not self._stop_registered:
+                    atexit.register(self.stop)  # see BackgroundDecoder.stop
+                    self._stop_registered = True
+                self._worker = threading.Thread(
+                    target=self._work, daemon=True, name="grounded-sam-prepare"
+                )
+                self._worker.start()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is left to embed; False on timeout."""
+        with self._state:
+            return self._state.wait_for(lambda: self._worker is None, timeout)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Drop the waiting image and wait for the embedding in progress; False on timeout."""
+        with self._state:
+            self._next = None
+        return self.wait_idle(timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self._state:
+                item, self._next = self._next, None
+                if item is None:
+                    self._worker = None
+                    self._state.notify_all()
+                    return
+            with self._lock:
+                try:
+                    self._embed(*item)
+                except Exception:  # a failed guess must not take the app down
+                    log.exception("embedding an image ahead failed")

@@ -11,6 +11,8 @@ each:
 - `runner.ModelRunner`: runs the models for what the cache lacks;
 - `look_ahead.LookAhead`: how the boxes just below the box threshold get decoded before anyone
   asks (in the first run, by a `look_ahead.BackgroundDecoder` thread after every run, or never);
+- `look_ahead.ImagePreparer`: SAM's image embedding computed before the first run asks for it
+  (`prepare`, on upload in the app);
 - `results`: what a run answers (`SegmentedDetections`, `CacheMiss`).
 """
 
@@ -31,6 +33,7 @@ from segmentation.images import check_shape, rgb_array
 from segmentation.look_ahead import (
     DEFAULT_LOOK_AHEAD,
     BackgroundDecoder,
+    ImagePreparer,
     LookAhead,
     LookAheadJob,
 )
@@ -76,6 +79,7 @@ class GroundedSAM:
         self.runner = ModelRunner(detector, segmenter, self.cache)
         self._lock = threading.Lock()  # held while models run
         self.background = BackgroundDecoder(self._lock, self._decode_ahead)
+        self.preparer = ImagePreparer(self._lock, self._embed_ahead)
         self._runs = itertools.count()  # numbers runs as they take the lock
 
     @property
@@ -135,6 +139,23 @@ class GroundedSAM:
             job.order = order
             self.background.submit(job)
         return result
+
+    def prepare(self, image: Image.Image | np.ndarray) -> None:
+        """Start SAM's image embedding of `image` in a background thread, before a run asks for
+        it (the app calls this on upload). Not on ZeroGPU, where CUDA may only be used inside a
+        request. Nothing happens when it is cached; a newer image replaces one still waiting.
+
+        Raises:
+            ValueError: an unusable image, as `run`.
+        """
+        pixels = rgb_array(image)
+        check_shape(pixels.shape[1], pixels.shape[0])
+        key = image_key(pixels)
+        if self.cache.embedding(key) is None:
+            self.preparer.submit(key, pixels)
+
+    def _embed_ahead(self, key: str, pixels: np.ndarray) -> None:
+        self.runner.embedding(pixels, key, cache_only=False)
 
     def hold(self) -> contextlib.AbstractContextManager[None]:
         """Pause the background thread meanwhile (it finishes the chunk it is decoding).

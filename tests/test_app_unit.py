@@ -80,6 +80,34 @@ def test_slider_release_reuses_the_decoded_image_and_the_models(handlers, upload
     assert [Path(p).name for p in downloads] == ["my_scene_coco.json"]
 
 
+def test_an_upload_is_decoded_and_embedded_before_segment_is_pressed(handlers, upload,
+                                                                       monkeypatch):
+    pipeline = handlers.pipeline()  # loaded (the page's load event does it)
+    with Image.open(upload["path"]) as picture:  # an image no other test has embedded
+        picture.transpose(Image.Transpose.ROTATE_180).save(upload["path"])
+    stats = pipeline.stats
+    embeddings, detector_runs = stats.image_embeddings, stats.detector_runs
+    session = handlers.ui_prepare(upload, None)
+    assert session["source"] == upload["path"] and session["image"].shape == (120, 160, 3)
+    assert pipeline.preparer.wait_idle(timeout=60)
+    assert stats.image_embeddings == embeddings + 1 and stats.detector_runs == detector_runs
+    monkeypatch.setattr(handlers, "decode_image", lambda path: pytest.fail("decoded again"))
+    *_, same = handlers.ui_segment(upload, PROMPT, 0.3, 0.25, session, no_progress)
+    assert same["image"] is session["image"]
+    assert stats.image_embeddings == embeddings + 1, "Segment ran SAM's encoder again"
+    assert stats.detector_runs == detector_runs + 1
+
+
+def test_an_upload_on_zero_gpu_or_without_an_image_starts_nothing(handlers, upload, monkeypatch):
+    pipeline = handlers.pipeline()
+    monkeypatch.setattr(pipeline, "prepare", lambda image: pytest.fail("prepared"))
+    import gradio as gr
+
+    assert handlers.ui_prepare(None, None) == gr.skip()  # the session stays as it is
+    monkeypatch.setattr(handlers, "zero_gpu", True)  # CUDA only inside a request there
+    assert handlers.ui_prepare(upload, None)["source"] == upload["path"]
+
+
 def test_result_image_is_a_jpeg_close_to_the_drawing(handlers, upload):
     from segmentation.visualize import annotate
 

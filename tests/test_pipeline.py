@@ -17,6 +17,7 @@ from segmentation.build import load_pipeline
 from segmentation.cache import ByteLRU
 from segmentation.look_ahead import BackgroundDecoder, LookAhead
 from segmentation.pipeline import GroundedSAM
+from segmentation.result_cache import image_key
 from segmentation.sam import BoxSegmenter
 from segmentation.tiny_models import tiny_detector, tiny_sam
 from tests.sam_stand_ins import BoxesAsPrompts, PaintBoxes
@@ -486,3 +487,36 @@ def test_entries_recorded_in_one_pipeline_serve_another(detector, image):
     result = parent.run(image, PROMPT, middle, cache_only=True)
     np.testing.assert_array_equal(result.masks, expected.masks)
     assert parent.stats.detector_runs == parent.stats.image_embeddings == 0
+
+
+def test_an_image_prepared_ahead_is_embedded_once_and_the_run_reuses_it(pipeline, image,
+                                                                          monkeypatch):
+    with model_calls(pipeline, monkeypatch) as calls:
+        pipeline.prepare(image)
+        assert pipeline.preparer.wait_idle(timeout=60)
+        assert calls["encoder"] == 1 and calls["infer"] == 0
+        pipeline.prepare(image.copy())  # cached: nothing to do
+        assert pipeline.preparer.wait_idle(timeout=60) and calls["encoder"] == 1
+        result = pipeline.run(image, PROMPT, 0.3, 0.25)
+        assert calls["encoder"] == 1 and calls["infer"] == 1
+    expected = GroundedSAM(pipeline.detector, pipeline.segmenter,
+                           look_ahead=LookAhead.off()).run(image, PROMPT, 0.3, 0.25)
+    np.testing.assert_array_equal(result.masks, expected.masks)
+    with pytest.raises(ValueError):
+        pipeline.prepare(np.zeros((2, 500, 3), np.uint8))  # too thin, as run says
+
+
+def test_only_the_newest_waiting_image_is_prepared(pipeline, image, monkeypatch):
+    """While one embedding runs, newer uploads replace each other: the last one is embedded."""
+    images = [np.ascontiguousarray(np.roll(image, shift, axis=1)) for shift in (1, 2, 3, 4)]
+    with model_calls(pipeline, monkeypatch) as calls:
+        with pipeline._lock:  # a request is running
+            pipeline.prepare(images[0])
+            while pipeline.preparer._next is not None:  # taken by the thread, waiting
+                time.sleep(0.01)
+            for each in images[1:]:
+                pipeline.prepare(each)
+        assert pipeline.preparer.wait_idle(timeout=60)
+        assert calls["encoder"] == 2  # the first (taken before the lock was free) and the last
+    keys = [pipeline.cache.embedding(image_key(each)) is not None for each in images]
+    assert keys[-1] and not any(keys[1:-1])

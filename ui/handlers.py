@@ -298,6 +298,21 @@ class GroundedSamApp:
         )
         return (*outputs, session)
 
+    def ui_prepare(self, image_value, session):
+        """Image uploaded: decode it into the session and start SAM's embedding of it in the
+        background, so that Segment finds it ready (more than half of a first run on a CPU).
+        Not on ZeroGPU (CUDA only inside a request) and not before the models are loaded."""
+        path = upload_path(image_value)
+        if path is None:
+            return gr.skip()
+        if session is None or session["source"] != path:
+            session = {"source": path, "image": self.decode_image(path), "rles": {}}
+        if self.loaded and not self.zero_gpu:
+            # an image the pipeline refuses (too thin) is reported by Segment, with the prompt
+            with contextlib.suppress(ValueError):
+                self.pipeline().prepare(session["image"])
+        return session
+
     def ui_rethreshold(
         self, image_value, prompt, box_threshold, text_threshold, session, progress=PROGRESS
     ):

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from grounding.devices import default_device
-from grounding.model import GroundingDINO, GroundingOutput
+from grounding.model import GroundingDINO, GroundingOutput, ImageFeatures
 from grounding.postprocess import Detections, select_detections
 from grounding.text_masks import phrase_token_spans, sub_sentence_masks
 from grounding.transforms import preprocess, to_pil_rgb
@@ -57,6 +57,26 @@ def normalize_caption(caption: str) -> str:
 
 # The reference's resize: short side 800, long side at most 1333.
 DEFAULT_IMAGE_SIZE, DEFAULT_MAX_SIZE = 800, 1333
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image through the detector's image encoder (`Detector.encode`), reusable for any
+    caption of that image.
+
+    Attributes:
+        features: the multi-scale tokens and positions (`GroundingDINO.encode_image`).
+        image_size: (W, H) of the image before the resize.
+    """
+
+    features: ImageFeatures
+    image_size: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        features = self.features
+        tensors = (features.tokens, features.position, features.padding_mask)
+        return sum(t.element_size() * t.nelement() for t in tensors if t is not None)
 
 
 class Detector:
@@ -126,13 +146,30 @@ class Detector:
         )
 
     @torch.inference_mode()
-    def infer(self, image: Image.Image | np.ndarray, caption: str) -> RawPrediction:
-        """Run the model on one image and prompt; keep the raw outputs for `select`."""
-        caption = normalize_caption(caption)
+    def encode(self, image: Image.Image | np.ndarray) -> EncodedImage:
+        """The image encoder's part of `infer` (resize, Swin, projections), for any caption."""
         pil = to_pil_rgb(image)
         pixels = preprocess(pil, self.image_size, self.max_size)[None].to(self.device)
+        return EncodedImage(self.model.encode_image(pixels), pil.size)
+
+    @torch.inference_mode()
+    def infer(
+        self,
+        image: Image.Image | np.ndarray,
+        caption: str,
+        *,
+        encoded: EncodedImage | None = None,
+    ) -> RawPrediction:
+        """Run the model on one image and prompt; keep the raw outputs for `select`.
+
+        `encoded`: this image's `encode`, to skip the image encoder (a new prompt on an image
+        seen before).
+        """
+        caption = normalize_caption(caption)
         token_ids = self.caption_tokens(caption)
-        features = self.model.encode_image(pixels)
+        if encoded is None:
+            encoded = self.encode(image)
+        features = encoded.features
         chunks = []
         for ids in split_caption_tokens(token_ids, self.max_text_len, self.separator_ids):
             input_ids = torch.tensor([ids], device=self.device)
@@ -140,7 +177,7 @@ class Detector:
             text_masks = sub_sentence_masks(input_ids, token_mask, self.special_token_ids)
             output = self.model.ground(features, input_ids, token_mask, text_masks=text_masks)
             chunks.append((ids, output.logits[0].float().cpu(), output.boxes[0].float().cpu()))
-        return RawPrediction(chunks=chunks, image_size=pil.size)
+        return RawPrediction(chunks=chunks, image_size=encoded.image_size)
 
     def caption_tokens(self, caption: str) -> list[int]:
         """The token ids of a normalised caption.

@@ -141,9 +141,10 @@ class GroundedSAM:
         return result
 
     def prepare(self, image: Image.Image | np.ndarray) -> None:
-        """Start SAM's image embedding of `image` in a background thread, before a run asks for
-        it (the app calls this on upload). Not on ZeroGPU, where CUDA may only be used inside a
-        request. Nothing happens when it is cached; a newer image replaces one still waiting.
+        """Start SAM's image embedding of `image` (and on the CPU the detector's image features)
+        in a background thread, before a run asks for them (the app calls this on upload). Not
+        on ZeroGPU, where CUDA may only be used inside a request. Nothing happens when the
+        embedding is cached; a newer image replaces one still waiting.
 
         Raises:
             ValueError: an unusable image, as `run`.
@@ -155,6 +156,7 @@ class GroundedSAM:
             self.preparer.submit(key, pixels)
 
     def _embed_ahead(self, key: str, pixels: np.ndarray) -> None:
+        self.runner.encoded_image(pixels, key)
         self.runner.embedding(pixels, key, cache_only=False)
 
     def hold(self) -> contextlib.AbstractContextManager[None]:

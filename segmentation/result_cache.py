@@ -1,7 +1,7 @@
 """`ResultCache`: what `GroundedSAM` keeps, typed, within one byte budget.
 
 - per (image, prompt): the detector's raw outputs (every query's box and token scores);
-- per image: SAM's image embedding;
+- per image: SAM's image embedding, and the detector's image features (on the CPU);
 - per (image, box): the decoded mask, cropped to its True pixels, and SAM's score.
 
 Images are keyed by `image_key`, a hash of their pixels, so the same picture uploaded twice is
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from grounding import RawPrediction
+from grounding.predictor import EncodedImage
 from segmentation.cache import ByteLRU
 from segmentation.masks import true_window
 from segmentation.sam import ImageEmbedding
@@ -63,7 +64,8 @@ def image_key(pixels: np.ndarray) -> str:
 
 class ResultCache(ByteLRU):
     """Detector outputs, embeddings and masks by key, least recently used out beyond `max_bytes`
-    (about 1 MB per (image, prompt), 4 MB per SAM embedding, at most H x W bytes per mask).
+    (about 1 MB per (image, prompt), 4 MB per SAM embedding, ~40 MB of detector features per
+    image at 800 x 1200, at most H x W bytes per mask).
 
     `recording()` lists what is stored meanwhile and `adopt` stores such a list, to copy what a
     forked process computed into its parent's cache.
@@ -78,6 +80,12 @@ class ResultCache(ByteLRU):
     def put_raw(self, image: str, caption: str, raw: RawPrediction) -> None:
         size = sum(logits.nbytes + boxes.nbytes for _, logits, boxes in raw.chunks)
         self.put(("raw", image, caption), raw, size)
+
+    def encoded_image(self, image: str) -> EncodedImage | None:
+        return self.get(("encoded", image))
+
+    def put_encoded_image(self, image: str, encoded: EncodedImage) -> None:
+        self.put(("encoded", image), encoded, encoded.nbytes)
 
     def embedding(self, image: str) -> ImageEmbedding | None:
         return self.get(("embedding", image))

@@ -3,9 +3,11 @@
 import contextlib
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
+import torch
 
 import segmentation.build as build_module
 import segmentation.look_ahead as look_ahead_module
@@ -13,6 +15,7 @@ import segmentation.pipeline as pipeline_module
 import segmentation.sam as sam_module
 from grounding import Detections, RawPrediction
 from grounding.hub import OfflineError
+from grounding.predictor import normalize_caption
 from segmentation.build import load_pipeline
 from segmentation.cache import ByteLRU
 from segmentation.look_ahead import BackgroundDecoder, LookAhead
@@ -136,6 +139,26 @@ def test_new_prompt_reuses_the_embedding_and_new_pixels_do_not(pipeline, image, 
         changed[0, 0, 0] ^= 1
         pipeline.run(changed, "a dog", 0.6)
         assert calls["infer"] == 3 and calls["encoder"] == 2
+    # the detector's image encoder too: once per image (on the CPU)
+    assert pipeline.stats.image_encodings == 2
+
+
+def test_a_new_prompt_on_a_seen_image_gives_what_a_fresh_detector_run_gives(pipeline, image):
+    first = pipeline.run(image, "a cat . a dog", 0.3)
+    second = pipeline.run(image, "a dog . a remote control", 0.3)
+    assert pipeline.stats.image_encodings == 1 and pipeline.stats.detector_runs == 2
+    fresh = GroundedSAM(pipeline.detector, pipeline.segmenter, look_ahead=LookAhead.off())
+    for ours, prompt in ((first, "a cat . a dog"), (second, "a dog . a remote control")):
+        expected = fresh.run(image, prompt, 0.3)
+        np.testing.assert_array_equal(ours.boxes, expected.boxes)
+        np.testing.assert_array_equal(ours.scores, expected.scores)
+        assert ours.phrases == expected.phrases
+    raw = pipeline.detector.infer(image, "a dog")
+    encoded = pipeline.detector.encode(image)
+    same = pipeline.detector.infer(None, "a dog", encoded=encoded)  # the image is not read
+    assert same.image_size == raw.image_size
+    for (ids, logits, boxes), (ids2, logits2, boxes2) in zip(raw.chunks, same.chunks, strict=True):
+        assert ids == ids2 and torch.equal(logits, logits2) and torch.equal(boxes, boxes2)
 
 
 def test_nothing_detected_still_embeds_so_sliders_never_run_the_encoder(pipeline, image,
@@ -170,8 +193,14 @@ class StubDetector:
         self.boxes, self.scores = np.asarray(boxes, np.float32), np.asarray(scores, np.float32)
         self.phrases = [f"thing {i}" for i in range(len(self.boxes))]
 
-    def infer(self, image, caption):
-        return RawPrediction(chunks=[], image_size=(image.shape[1], image.shape[0]))
+    device = torch.device("cpu")
+
+    def encode(self, image):
+        return types.SimpleNamespace(nbytes=0, image_size=(image.shape[1], image.shape[0]))
+
+    def infer(self, image, caption, *, encoded=None):
+        encoded = encoded or self.encode(image)
+        return RawPrediction(chunks=[], image_size=encoded.image_size)
 
     def select(self, raw, box_threshold, text_threshold, nms_threshold=None):
         keep = np.flatnonzero(self.scores > box_threshold)
@@ -263,14 +292,18 @@ def test_pipeline_caches_stay_within_budget_lru(detector, image, monkeypatch):
     small = GroundedSAM(detector, BoxSegmenter(tiny_sam()), look_ahead=LookAhead.off())
     with model_calls(small, monkeypatch) as calls:
         small.run(image, PROMPT, 0.6)
-        # Room for 1.5 times what one image needs (raw outputs + embedding + masks).
+        # Room for 1.5 times what one image needs (raw outputs, detector features, embedding,
+        # masks).
         small.cache.max_bytes = int(small.cache.nbytes * 1.5)
-        for picture in (other, image):
-            small.run(picture, PROMPT, 0.6)
-            assert small.cache.nbytes <= small.cache.max_bytes
-        assert calls["infer"] == 3 and calls["encoder"] == 3  # the first image was evicted
+        small.run(other, PROMPT, 0.6)
+        assert small.cache.nbytes <= small.cache.max_bytes
+        # The least recently used entry went: the first image's detector features (stored
+        # first, the largest); its raw outputs and embedding stay, so it runs no model.
+        assert small.cache.encoded_image(image_key(image)) is None
+        assert small.cache.raw(image_key(image), normalize_caption(PROMPT)) is not None
         small.run(image, PROMPT, 0.6)
-        assert calls["infer"] == 3  # ... and is now the most recently used one
+        assert small.cache.nbytes <= small.cache.max_bytes
+        assert calls["infer"] == 2 and calls["encoder"] == 2
 
     nothing = GroundedSAM(detector, BoxSegmenter(tiny_sam()), cache_bytes=0,
                           look_ahead=LookAhead.off())
@@ -480,7 +513,7 @@ def test_entries_recorded_in_one_pipeline_serve_another(detector, image):
     with worker.cache.recording() as added:
         expected = worker.run(image, PROMPT, middle)
     kinds = {key[0] for key, _, _ in added}
-    assert kinds == {"raw", "embedding", "mask"}
+    assert kinds == {"raw", "encoded", "embedding", "mask"}
     with pytest.raises(CacheMiss):
         parent.run(image, PROMPT, middle, cache_only=True)
     parent.adopt(added)
@@ -495,10 +528,12 @@ def test_an_image_prepared_ahead_is_embedded_once_and_the_run_reuses_it(pipeline
         pipeline.prepare(image)
         assert pipeline.preparer.wait_idle(timeout=60)
         assert calls["encoder"] == 1 and calls["infer"] == 0
+        assert pipeline.stats.image_encodings == 1  # the detector's image features too
         pipeline.prepare(image.copy())  # cached: nothing to do
         assert pipeline.preparer.wait_idle(timeout=60) and calls["encoder"] == 1
         result = pipeline.run(image, PROMPT, 0.3, 0.25)
         assert calls["encoder"] == 1 and calls["infer"] == 1
+        assert pipeline.stats.image_encodings == 1
     expected = GroundedSAM(pipeline.detector, pipeline.segmenter,
                            look_ahead=LookAhead.off()).run(image, PROMPT, 0.3, 0.25)
     np.testing.assert_array_equal(result.masks, expected.masks)

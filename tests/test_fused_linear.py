@@ -34,7 +34,7 @@ def test_fused_equals_plain_in_inference(activation, shape):
 def test_the_fused_call_is_taken_only_where_it_applies():
     linear = nn.Linear(8, 4)
     x = torch.randn(3, 8)
-    assert module._ONEDNN, "this torch build has no oneDNN linear: the CPU fast path is off"
+    assert module._onednn_works(), "this torch build has no oneDNN linear: the fast path is off"
     assert not module._fusable(x, linear)  # autograd: the weights need gradients, no backward
     assert module._fusable(x, nn.Linear(8, 4).requires_grad_(False))  # a frozen layer
     with torch.no_grad():
@@ -55,6 +55,24 @@ def test_gradients_take_the_plain_path(activation):
     PLAIN[activation](linear(x2)).square().sum().backward()
     torch.testing.assert_close(grads[0], x2.grad)
     torch.testing.assert_close(grads[1], linear.weight.grad)
+
+
+def test_a_build_whose_op_fails_takes_the_plain_path(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken, raising=False)
+    module._onednn_works.cache_clear()
+    try:
+        assert not module._onednn_works()
+        linear, x = nn.Linear(8, 4), torch.randn(3, 8)
+        with torch.inference_mode():
+            expected = nn.functional.gelu(linear(x))
+            torch.testing.assert_close(fused_linear(x, linear, "gelu"), expected)
+    finally:
+        monkeypatch.undo()
+        module._onednn_works.cache_clear()
+    assert module._onednn_works()
 
 
 def test_only_the_exact_gelu_is_fused():

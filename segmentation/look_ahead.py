@@ -97,7 +97,56 @@ class LookAheadJob:
     done: int = 0  # boxes of `boxes` handled
 
 
-class BackgroundDecoder:
+class _OnDemandThread:
+    """One daemon thread, started when work arrives and ending when the work runs out.
+
+    `stop` drops the waiting work and waits for the thread; it is registered with `atexit` on the
+    first start: a daemon thread still inside torch when the interpreter shuts down aborts the
+    process ("terminate called without an active exception"). Subclasses keep their fields under
+    `_state` and define `_work` (ending with `_finished()`, under `_state`) and `_drop`.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._state = threading.Condition()  # guards the fields of subclasses too
+        self._name = name
+        self._worker: threading.Thread | None = None
+        self._stop_registered = False
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until the thread has nothing left to do; False on timeout."""
+        with self._state:
+            return self._state.wait_for(lambda: self._worker is None, timeout)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Drop the waiting work and wait until the thread has finished what it is doing and
+        ended; False on timeout."""
+        with self._state:
+            self._drop()
+            self._state.notify_all()
+        return self.wait_idle(timeout)
+
+    def _start(self) -> None:
+        """Start the thread unless it runs (call under `_state`)."""
+        if self._worker is None:
+            if not self._stop_registered:
+                atexit.register(self.stop)
+                self._stop_registered = True
+            self._worker = threading.Thread(target=self._work, daemon=True, name=self._name)
+            self._worker.start()
+
+    def _finished(self) -> None:
+        """The thread's last step (under `_state`)."""
+        self._worker = None
+        self._state.notify_all()
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+
+class BackgroundDecoder(_OnDemandThread):
     """A thread that works on the newest `LookAheadJob` whenever no request is waiting.
 
     Args:
@@ -106,68 +155,47 @@ class BackgroundDecoder:
     """
 
     def __init__(self, lock: threading.Lock, decode_chunk: Callable[[LookAheadJob], bool]):
+        super().__init__("grounded-sam-lookahead")
         self._lock = lock
         self._decode_chunk = decode_chunk
-        self._jobs = threading.Condition()  # guards the fields below
         self._requests = 0  # runs and other holders (`hold`): the thread gives way
         self.job: LookAheadJob | None = None
         self._newest = -1  # `order` of the newest job handed over
-        self._worker: threading.Thread | None = None
-        self._stop_registered = False
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """Pause the thread meanwhile (it finishes the chunk it is decoding)."""
-        with self._jobs:
+        with self._state:
             self._requests += 1
         try:
             yield
         finally:
-            with self._jobs:
+            with self._state:
                 self._requests -= 1
-                self._jobs.notify_all()
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until the thread has nothing left to decode; False on timeout."""
-        with self._jobs:
-            return self._jobs.wait_for(lambda: self._worker is None, timeout)
+                self._state.notify_all()
 
     def submit(self, job: LookAheadJob) -> None:
         """Make `job` the thread's job, replacing any older one; a job of an older request than
         the newest seen (its run finished after a newer one's) is dropped."""
-        with self._jobs:
+        with self._state:
             if job.order < self._newest:
                 return
             self._newest = job.order
             self.job = job
-            if self._worker is None:
-                if not self._stop_registered:
-                    atexit.register(self.stop)
-                    self._stop_registered = True
-                self._worker = threading.Thread(
-                    target=self._work, daemon=True, name="grounded-sam-lookahead"
-                )
-                self._worker.start()
+            self._start()
 
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Drop the job and wait until the thread has finished its chunk and ended; False on
-        timeout. Registered with `atexit`: a daemon thread still inside torch when the interpreter
-        shuts down aborts the process ("terminate called without an active exception")."""
-        with self._jobs:
-            self.job = None
-            self._jobs.notify_all()
-        return self.wait_idle(timeout)
+    def _drop(self) -> None:
+        self.job = None
 
     def _work(self) -> None:
         """Decode the latest job a chunk at a time whenever no request is waiting; exit when
         there is nothing left."""
         while True:
-            with self._jobs:
-                self._jobs.wait_for(lambda: self._requests == 0)
+            with self._state:
+                self._state.wait_for(lambda: self._requests == 0)
                 job = self.job
                 if job is None:
-                    self._worker = None
-                    self._jobs.notify_all()
+                    self._finished()
                     return
             with self._lock:
                 if self._requests or job is not self.job:
@@ -178,12 +206,12 @@ class BackgroundDecoder:
                     log.exception("decoding masks ahead failed; stopping for this request")
                     finished = True
             if finished:
-                with self._jobs:
+                with self._state:
                     if self.job is job:
                         self.job = None
 
 
-class ImagePreparer:
+class ImagePreparer(_OnDemandThread):
     """A thread that computes SAM's image embedding of the newest image handed to it before any
     request asks for it (in the app: on upload, while the user types the prompt; the embedding
     is more than half of a first run on a CPU).
@@ -196,44 +224,26 @@ class ImagePreparer:
     """
 
     def __init__(self, lock: threading.Lock, embed: Callable[[str, np.ndarray], object]):
+        super().__init__("grounded-sam-prepare")
         self._lock = lock
         self._embed = embed
-        self._state = threading.Condition()  # guards the fields below
         self._next: tuple[str, np.ndarray] | None = None  # only the newest image waits
-        self._worker: threading.Thread | None = None
-        self._stop_registered = False
 
     def submit(self, key: str, pixels: np.ndarray) -> None:
         """Embed `pixels` (cache key `key`) next, replacing an image still waiting."""
         with self._state:
             self._next = (key, pixels)
-            if self._worker is None:
-                if not self._stop_registered:
-                    atexit.register(self.stop)  # see BackgroundDecoder.stop
-                    self._stop_registered = True
-                self._worker = threading.Thread(
-                    target=self._work, daemon=True, name="grounded-sam-prepare"
-                )
-                self._worker.start()
+            self._start()
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until nothing is left to embed; False on timeout."""
-        with self._state:
-            return self._state.wait_for(lambda: self._worker is None, timeout)
-
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Drop the waiting image and wait for the embedding in progress; False on timeout."""
-        with self._state:
-            self._next = None
-        return self.wait_idle(timeout)
+    def _drop(self) -> None:
+        self._next = None
 
     def _work(self) -> None:
         while True:
             with self._state:
                 item, self._next = self._next, None
                 if item is None:
-                    self._worker = None
-                    self._state.notify_all()
+                    self._finished()
                     return
             with self._lock:
                 try:

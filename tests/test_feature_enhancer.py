@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, GroundingDinoConfig, GroundingDinoModel, SwinConfig
+from transformers import GroundingDinoConfig, GroundingDinoModel
 
 from grounding.config import GroundingDINOConfig
 from grounding.feature_enhancer import FeatureEnhancer
 from grounding.official_format import official_rules
 from grounding.transformers_keys import transformers_rules
-from tests.helpers import rename_block
+from tests.helpers import rename_block, tiny_swin_and_bert
 from tests.key_lists import SWINT_OGC_KEYS, key_shapes
 
 HIDDEN = 32
@@ -29,20 +29,10 @@ OURS = GroundingDINOConfig(
 def hf_encoder():
     """transformers' encoder of a tiny GroundingDinoModel, with all weights perturbed."""
     torch.manual_seed(0)
+    swin, bert = tiny_swin_and_bert()  # only the encoder is used
     config = GroundingDinoConfig(
-        backbone_config=SwinConfig(
-            embed_dim=8,
-            depths=[1, 1, 1, 1],
-            num_heads=[1, 1, 1, 1],
-            out_features=["stage2", "stage3", "stage4"],
-        ),
-        text_config=BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-        ),
+        backbone_config=swin,
+        text_config=bert,
         d_model=HIDDEN,
         encoder_layers=2,
         encoder_attention_heads=4,

@@ -94,3 +94,23 @@ def _onednn_works() -> bool:
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+def matmul_transposed(x: Tensor, weight: Tensor) -> Tensor:
+    """`x @ weight.T` for 2-D float32 CPU tensors, through the same oneDNN op as `fused_linear`
+    where it applies (a faster product than `torch.mm` for attention's (queries x 64) @ (64 x
+    keys) on AVX-512: 0.80 vs 1.21 ms at 256 x 4096, 2 threads).
+
+    `weight` must be contiguous for the oneDNN call (a strided one makes it reorder on every call,
+    orders of magnitude slower); other inputs take `torch.mm`.
+    """
+    if (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and weight.is_contiguous()
+        and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and _onednn_works()
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return torch.mm(x, weight.t())

@@ -18,13 +18,16 @@ the memory-efficient or cuDNN one).
 The Linear layers (qkv, proj and the MLPs' `lin1` + GELU, `lin2`) run as single oneDNN calls on the
 CPU (`grounding.fused_linear`: no bias copy, the GELU as a post-op).
 
-`accelerate_sam(sam)` re-classes every `Attention` (and `MLPBlock`) of `sam.image_encoder` in
-place: the same module objects, parameters, state-dict keys and submodules, so checkpoints load the
-same and
-`SamPredictor` / `segmentation.sam.BoxSegmenter` work unchanged. `segmentation.sam.build_sam` and
-`segmentation.small_sam.load_small_sam` apply it to every SAM they load. SAM ViT-B's whole image
-encoder on 2 CPU threads: 11.1 s -> 7.0 s with SDPA, 6.4 s with the fused Linear layers too
-(`scripts/benchmark_peers.py`, README).
+This SDPA path serves autograd, GPUs, autocast and `torch.compile`. CPU float32 inference takes
+`segmentation.sam_block.FastBlock` instead: explicit products per block of queries, with the
+relative positions added to scores still in cache rather than written out as a mask.
+
+`accelerate_sam(sam)` re-classes every `Attention`, `MLPBlock` and `Block` of `sam.image_encoder`
+in place: the same module objects, parameters, state-dict keys and submodules, so checkpoints load
+the same and `SamPredictor` / `segmentation.sam.BoxSegmenter` work unchanged.
+`segmentation.sam.build_sam` and `segmentation.small_sam.load_small_sam` apply it to every SAM they
+load. SAM ViT-B's whole image encoder on 2 CPU threads: 11.1 s -> 7.0 s with SDPA, 6.4 s with the
+fused Linear layers too, 5.7 s with `FastBlock` (`scripts/benchmark_peers.py`, README).
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.modeling.common import MLPBlock
-from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
 from torch import Tensor
 
 from grounding.fused_linear import fused_linear, is_exact_gelu
+from segmentation.sam_block import FastBlock
 
 # Mask elements per SDPA call on the CPU, 64 MiB in fp32: 4 to 8 image rows of queries per call in
 # SAM's 64 x 64 global blocks (8 to 16 heads), one call for its windowed blocks. On one core, 4 to
@@ -173,11 +177,12 @@ def rel_pos_attention(
 
 def accelerate_sam(sam: Sam, *, bias_elements: int | None = None) -> Sam:
     """Route every attention of `sam.image_encoder` through SDPA and its MLPs' Linear layers
-    through `fused_linear`, in place; returns `sam`.
+    through `fused_linear`, and its blocks' CPU inference through `FastBlock`, in place; returns
+    `sam`.
 
-    The `Attention` and `MLPBlock` modules are re-classed to `FastAttention` and `FastMLPBlock`
-    (subclasses adding only `forward`), so the module tree, the parameter objects and the
-    state-dict keys stay exactly as they were.
+    The `Attention`, `MLPBlock` and `Block` modules are re-classed to `FastAttention`,
+    `FastMLPBlock` and `segmentation.sam_block.FastBlock` (subclasses adding only `forward`), so
+    the module tree, the parameter objects and the state-dict keys stay exactly as they were.
     Idempotent; a second call only updates `bias_elements`.
 
     Args:
@@ -192,19 +197,23 @@ def accelerate_sam(sam: Sam, *, bias_elements: int | None = None) -> Sam:
             count += 1
         elif type(module) is MLPBlock:
             module.__class__ = FastMLPBlock
+        elif type(module) is Block:
+            module.__class__ = FastBlock
     if not count:
         raise ValueError("sam.image_encoder has no segment_anything Attention module")
     return sam
 
 
 def restore_sam(sam: Sam) -> Sam:
-    """Undo `accelerate_sam`: the `FastAttention`s of `sam.image_encoder` become `Attention`s."""
+    """Undo `accelerate_sam`: the fast modules of `sam.image_encoder` become segment_anything's."""
     for module in sam.image_encoder.modules():
         if isinstance(module, FastAttention):
             module.__class__ = Attention
             module.__dict__.pop("bias_elements", None)
         elif isinstance(module, FastMLPBlock):
             module.__class__ = MLPBlock
+        elif isinstance(module, FastBlock):
+            module.__class__ = Block
     return sam
 
 

@@ -79,3 +79,18 @@ def test_only_the_exact_gelu_is_fused():
     assert is_exact_gelu(nn.GELU())
     assert not is_exact_gelu(nn.GELU(approximate="tanh"))
     assert not is_exact_gelu(nn.ReLU())
+
+
+def test_matmul_transposed_equals_x_times_weight_transposed():
+    torch.manual_seed(0)
+    x, weight = torch.randn(37, 16), torch.randn(50, 16)
+    with torch.inference_mode():
+        _close_to_scale(module.matmul_transposed(x, weight), x @ weight.T)
+        # a strided weight (a slice of a wider matrix) and a strided input take torch.mm
+        wide = torch.randn(50, 40)
+        _close_to_scale(module.matmul_transposed(x, wide[:, 3:19]), x @ wide[:, 3:19].T)
+        _close_to_scale(module.matmul_transposed(wide[:, :16], weight), wide[:, :16] @ weight.T)
+    # under autograd it is differentiable
+    x.requires_grad_(True)
+    module.matmul_transposed(x, weight).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(37, 16))

@@ -140,7 +140,7 @@ def window_attention(
         for first in range(0, matrices, step):
             last = min(first + step, matrices)
             scores = torch.matmul(q[first:last], k[first:last].transpose(1, 2))
-            if rel_pos is not None:
+            if rel_h is not None and rel_w is not None:
                 # (m, tokens, tokens) as (m, qh, qw, kh, kw)
                 terms = scores.view(last - first, height, width, height, width)
                 terms.add_(rel_h[first:last, :, :, :, None])
@@ -155,7 +155,7 @@ def window_attention(
             bottom = min(top + rows, height)
             queries = slice(top * width, bottom * width)
             scores = matmul_transposed(q[matrix, queries], k[matrix])  # (r * W, tokens)
-            if rel_pos is not None:
+            if rel_h is not None and rel_w is not None:
                 terms = scores.view(bottom - top, width, height, width)  # (r, qw, kh, kw)
                 terms.add_(rel_h[matrix, top:bottom, :, :, None])
                 terms.add_(rel_w[matrix, top:bottom, :, None, :])

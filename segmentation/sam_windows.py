@@ -128,7 +128,8 @@ def split_windows(
         if pad_w:  # the right columns of the last window column: (B, rows, heads, h, pad_w, C)
             output[:, :, -1, :, :, lay.window_width - pad_w :] = fill
     tokens = lay.window_height * lay.window_width
-    return tuple(output.view(lay.matrices, tokens, channels) for output in outputs)
+    q, k, v = (output.view(lay.matrices, tokens, channels) for output in outputs)
+    return q, k, v
 
 
 def merge_windows(windows: Tensor, layout: WindowLayout) -> Tensor:

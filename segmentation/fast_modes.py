@@ -35,13 +35,14 @@ Measured on a 2-core AMD EPYC (AVX-512 with VNNI), torch 2.11:
 - the shipped shapes models on 50 held-out images (`scripts/evaluate_shapes.py`, one thread):
   int8 changes AP50 0.860 -> 0.866, recall 0.812 -> 0.812, precision 0.770 -> 0.785, mask IoU
   0.935 -> 0.936; these models are tiny, so neither mode saves noticeable time;
-- full-size models with random weights, on top of the default path (SDPA attention and fused
+- full-size models with random weights, on top of the default path (SAM's CPU blocks and fused
   Linear layers; `scripts/benchmark_fast_modes.py --threads 2 --runs 2`): SAM ViT-B's image
-  encoder on 1024 x 1024: fp32 7.17 s, int8 4.78 s (1.5x; the embedding within 1.6%, relative
-  L2), compile 7.78 s (slower than eager now; the first call compiles for 80 s), int8 + compile
-  12.8 s; the SwinT detector at 800 x 1200: fp32 4.49 s, int8 3.69 s (1.2x; the image tokens
-  within 1.8%, boxes of the same queries within 0.002; the logits move by 21%, as random layers
-  magnify differences: on the trained shapes detector scores move by 0.1 at most).
+  encoder on 1024 x 1024: fp32 5.36 s, int8 3.44 s (1.6x; the embedding within 1.6%, relative
+  L2); compile 7.78 s and int8 + compile 12.8 s, measured when eager fp32 took 7.17 s (compiled,
+  the encoder takes the SDPA path; the first call compiles for 80 s); the SwinT detector at
+  800 x 1200: fp32 4.49 s, int8 3.69 s (1.2x; the image tokens within 1.8%, boxes of the same
+  queries within 0.002; the logits move by 21%, as random layers magnify differences: on the
+  trained shapes detector scores move by 0.1 at most).
 """
 
 from __future__ import annotations

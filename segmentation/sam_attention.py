@@ -27,7 +27,7 @@ in place: the same module objects, parameters, state-dict keys and submodules, s
 the same and `SamPredictor` / `segmentation.sam.BoxSegmenter` work unchanged.
 `segmentation.sam.build_sam` and `segmentation.small_sam.load_small_sam` apply it to every SAM they
 load. SAM ViT-B's whole image encoder on 2 CPU threads: 11.1 s -> 7.0 s with SDPA, 6.4 s with the
-fused Linear layers too, 5.7 s with `FastBlock` (`scripts/benchmark_peers.py`, README).
+fused Linear layers too, 5.4-5.9 s with `FastBlock` (`scripts/benchmark_peers.py`, README).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ This replaces SDPA on the CPU: PyTorch's CPU flash kernel takes the relative pos
 materialised float mask, whose writing and reading cost about as much as the softmax
 (`segmentation.sam_attention` keeps that path for autograd, other devices, other dtypes and
 `torch.compile`, where `FastBlock` defers to `Block.forward`). SAM ViT-B's image encoder on 2 CPU
-threads, in one process: 6.5 -> 5.6 s (README, scripts/benchmark_peers.py); outputs within float
+threads: 6.5 -> 5.6 s in one process against the SDPA blocks; 5.4-5.9 s in
+scripts/benchmark_peers.py (README); outputs within float
 rounding of segment_anything's (tests/test_sam_block.py).
 """
 

@@ -7,7 +7,7 @@ the median of the timed ones and the data-loading share. Each config runs in its
 its peak RSS (`resource.getrusage`, which also counts the model, the optimiser state and the
 activations of backward) is its own.
 
-    PYTHONPATH=. python scripts/benchmark_train.py --configs tiny swint_ogc --batch-size 2 \\
+    python scripts/benchmark_train.py --configs tiny swint_ogc --batch-size 2 \\
         --size 800 --steps 3 --threads 2
 """
 
@@ -28,14 +28,15 @@ import torch
 from PIL import Image, ImageDraw
 from timing import timed  # scripts/timing.py, beside this script
 
-from grounding.config import LossConfig
-from grounding.dataset import CocoGroundingDataset
-from grounding.losses import SetCriterion
-from grounding.model import build_model
-from grounding.optim import parameter_groups
-from grounding.train import load_tokenizer
-from grounding.train_args import SCRATCH_CONFIGS
-from grounding.training_step import accumulate_gradients, epoch_batches
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from grounding.config import LossConfig  # noqa: E402
+from grounding.dataset import CocoGroundingDataset  # noqa: E402
+from grounding.losses import SetCriterion  # noqa: E402
+from grounding.model import build_model  # noqa: E402
+from grounding.optim import parameter_groups  # noqa: E402
+from grounding.train import load_tokenizer  # noqa: E402
+from grounding.train_args import SCRATCH_CONFIGS  # noqa: E402
+from grounding.training_step import accumulate_gradients, epoch_batches  # noqa: E402
 
 VOCAB = Path(__file__).resolve().parent.parent / "tests" / "data" / "bert-base-uncased-vocab.txt"
 NAMES = ["red square", "blue circle", "green triangle", "yellow star", "traffic light", "dog"]

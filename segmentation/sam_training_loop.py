@@ -20,6 +20,7 @@ import torch
 from segment_anything.modeling import Sam
 from torch.utils.data import DataLoader
 
+from grounding.optim import build_scheduler
 from segmentation.sam_data import (
     MaskBatch,
     SamMaskDataset,
@@ -84,13 +85,6 @@ class Progress:
     saved_step: int | None = None
 
 
-def learning_rate_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up over `warmup_steps`, then a half cosine to 0 at `total_steps`."""
-    warmup = min(1.0, (step + 1) / (warmup_steps + 1))
-    done = min(max(step - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
-    return warmup * 0.5 * (1.0 + math.cos(math.pi * done))
-
-
 class SamTrainer:
     """Optimiser steps over a `SamMaskDataset`, evaluation and checkpoints in `options.out_dir`."""
 
@@ -114,11 +108,12 @@ class SamTrainer:
             ],
             lr=options.lr,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.scheduler = build_scheduler(
             self.optimizer,
-            lambda step: learning_rate_factor(
-                step, warmup_steps=options.warmup_steps, total_steps=total_steps
-            ),
+            schedule="cosine",
+            warmup_steps=options.warmup_steps,
+            steps_per_epoch=self.batches_per_epoch,
+            total_steps=total_steps,
         )
         self.val_entries = read_coco_folder(options.val_dir) if options.val_dir else None
         self.progress = Progress()

@@ -10,8 +10,10 @@ arXiv 2112.09747 §3.1) is norm1 -> window partition -> `Attention` (qkv, per-he
   (padding is 16 % of a windowed block's tokens at SAM's 1024 input);
 - the attention as explicit products per block of (window, head) matrices: the scores of a block
   of queries (at most `SCORE_ELEMENTS`, 4 MiB, so they stay in cache), the two relative-position
-  terms added in place by broadcasting, softmax, times v. A global block's products go through
-  oneDNN (`grounding.fused_linear.matmul_transposed`);
+  terms added in place by broadcasting, softmax in place, times v into the queries' own rows. A
+  windowed block's relative-position terms come per block from one small product with the
+  offset tables (`relative_terms`, read through strided views: no gather); a global block's
+  products go through oneDNN (`grounding.fused_linear.matmul_transposed`);
 - norm2 + MLP + residual over `MLP_TOKENS` tokens at a time, the residual sums in place.
 
 No temporary is larger than ~25 MB, so the allocator reuses memory instead of mapping (and
@@ -112,7 +114,8 @@ def window_attention(
 
     Args:
         q, k, v: (matrices, window_height * window_width, C) contiguous (`split_windows`); q
-            unscaled. q is scaled in place.
+            unscaled. q is overwritten: it holds the output on return (each step's output
+            rows replace the queries the step has used, so no output buffer is allocated).
         rel_pos: the block's (L, C) height and width relative-position tables (`rel_pos_h`,
             `rel_pos_w`), or None for attention without relative positions.
         layout: the windows.
@@ -121,11 +124,59 @@ def window_attention(
             None for `SCORE_ELEMENTS`.
 
     Returns:
-        (matrices, window_height * window_width, C).
+        (matrices, window_height * window_width, C): q's storage.
     """
-    height, width = layout.window_height, layout.window_width
-    matrices, tokens, channels = q.shape
     score_elements = score_elements or SCORE_ELEMENTS
+    tokens = q.shape[1]
+    if tokens * tokens <= score_elements:  # windowed blocks: several whole matrices per product
+        return _whole_matrices(q, k, v, rel_pos, layout, scale, score_elements // tokens**2)
+    # global blocks: a block of query rows of one matrix per product
+    rows = max(1, score_elements // (layout.window_width * tokens))
+    return _query_rows(q, k, v, rel_pos, layout, scale, rows)
+
+
+def _whole_matrices(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_pos: tuple[Tensor, Tensor] | None,
+    layout: WindowLayout,
+    scale: float,
+    step: int,
+) -> Tensor:
+    """`window_attention` over `step` whole matrices per product; the relative-position terms
+    of each step from one small product (`relative_terms`), still in cache when added."""
+    height, width = layout.window_height, layout.window_width
+    out = q  # each step's output rows replace the queries it has used
+    tables = None if rel_pos is None else relative_tables(rel_pos, height, width)
+    for first in range(0, q.shape[0], step):
+        last = min(first + step, q.shape[0])
+        queries = q[first:last]
+        terms = None
+        if tables is not None:  # from the unscaled queries
+            terms = relative_terms(queries, tables, height, width)
+        scores = torch.matmul(queries.mul_(scale), k[first:last].transpose(1, 2))
+        if terms is not None:
+            grid = scores.view(last - first, height, width, height, width)  # (m, qh, qw, kh, kw)
+            grid.add_(terms[0]).add_(terms[1])
+        probabilities = torch.softmax(scores, -1, out=scores)  # in place: exact, alias-safe
+        torch.matmul(probabilities, v[first:last], out=out[first:last])
+    return out
+
+
+def _query_rows(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_pos: tuple[Tensor, Tensor] | None,
+    layout: WindowLayout,
+    scale: float,
+    rows: int,
+) -> Tensor:
+    """`window_attention` over `rows` image rows of queries of one matrix per product, through
+    oneDNN (`matmul_transposed`)."""
+    height, width = layout.window_height, layout.window_width
+    matrices, _, channels = q.shape
     rel_h = rel_w = None
     if rel_pos is not None:
         # rel_h[m, qh, qw, kh] = q . Rh[qh, kh] and rel_w[m, qh, qw, kw] = q . Rw[qw, kw]
@@ -134,22 +185,7 @@ def window_attention(
         rel_w = torch.einsum("mhwc,wkc->mhwk", grid, get_rel_pos(width, width, rel_pos[1]))
         rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
     q = q.mul_(scale)
-    out = q.new_empty(matrices, tokens, channels)
-    if tokens * tokens <= score_elements:
-        # several whole matrices per product (windowed blocks)
-        step = score_elements // (tokens * tokens)
-        for first in range(0, matrices, step):
-            last = min(first + step, matrices)
-            scores = torch.matmul(q[first:last], k[first:last].transpose(1, 2))
-            if rel_h is not None and rel_w is not None:
-                # (m, tokens, tokens) as (m, qh, qw, kh, kw)
-                terms = scores.view(last - first, height, width, height, width)
-                terms.add_(rel_h[first:last, :, :, :, None])
-                terms.add_(rel_w[first:last, :, :, None, :])
-            torch.matmul(torch.softmax(scores, -1), v[first:last], out=out[first:last])
-        return out
-    # a block of query rows of one matrix per product (global blocks)
-    rows = max(1, score_elements // (width * tokens))
+    out = q  # each step's output rows replace the queries it has used
     values_t = v.transpose(1, 2).contiguous()  # (matrices, C, tokens): oneDNN's weight layout
     for matrix in range(matrices):
         for top in range(0, height, rows):
@@ -160,9 +196,66 @@ def window_attention(
                 terms = scores.view(bottom - top, width, height, width)  # (r, qw, kh, kw)
                 terms.add_(rel_h[matrix, top:bottom, :, :, None])
                 terms.add_(rel_w[matrix, top:bottom, :, None, :])
-            probabilities = torch.softmax(scores, -1)
+            probabilities = torch.softmax(scores, -1, out=scores)
             out[matrix, queries] = matmul_transposed(probabilities, values_t[matrix])
     return out
+
+
+def relative_tables(rel_pos: tuple[Tensor, Tensor], height: int, width: int) -> Tensor:
+    """A block's height and width relative-position embeddings, stacked for `relative_terms`.
+
+    Args:
+        rel_pos: the (L, C) `rel_pos_h` and `rel_pos_w` tables (resized as segment_anything's
+            `get_rel_pos` does when L is not 2 * size - 1).
+        height, width: the window's size in tokens.
+
+    Returns:
+        (2 * height - 1 + 2 * width - 1, C) contiguous: the height embeddings of offsets (query
+        row - key row) height - 1, height - 2, ..., 1 - height, then the width ones likewise.
+        Query row qh meets key row kh at row height - 1 - qh + kh: one stride per query row.
+    """
+    parts = []
+    for size, table in zip((height, width), rel_pos, strict=True):
+        per_pair = get_rel_pos(size, size, table)  # (size, size, C): offset query - key
+        # offsets size - 1 ... 0 (last query against each key), then -1 ... 1 - size
+        parts += [per_pair[-1], per_pair[0, 1:]]
+    return torch.cat(parts)
+
+
+def relative_terms(
+    queries: Tensor, tables: Tensor, height: int, width: int
+) -> tuple[Tensor, Tensor]:
+    """segment_anything's decomposed relative-position terms of whole windows, as broadcastable
+    views of one (tokens x offsets) product instead of a per-offset gather.
+
+    Args:
+        queries: (m, height * width, C) unscaled, contiguous.
+        tables: `relative_tables(...)` of the block.
+        height, width: the window's size in tokens.
+
+    Returns:
+        rel_h (m, qh, qw, kh, 1) and rel_w (m, qh, qw, 1, kw), views for adding to scores viewed as
+        (m, qh, qw, kh, kw): `queries . Rh[qh - kh]` and `queries . Rw[qw - kw]`.
+    """
+    count, tokens, channels = queries.shape
+    length = tables.shape[0]
+    # (m * tokens, length), strides (tokens * length, width * length, length, 1) as (m, qh, qw, j)
+    products = matmul_transposed(queries.reshape(count * tokens, channels), tables)
+    start = products.storage_offset()
+    per_matrix, per_row = tokens * length, width * length
+    # height row j = height - 1 - qh + kh: one element less per query row
+    rel_h = products.as_strided(
+        (count, height, width, height, 1),
+        (per_matrix, per_row - 1, length, 1, 0),
+        start + height - 1,
+    )
+    # width row j = 2 * height - 1 + width - 1 - qw + kw: one element less per query column
+    rel_w = products.as_strided(
+        (count, height, width, 1, width),
+        (per_matrix, per_row, length - 1, 0, 1),
+        start + 2 * height - 1 + width - 1,
+    )
+    return rel_h, rel_w
 
 
 __all__ = [
@@ -171,5 +264,7 @@ __all__ = [
     "FastBlock",
     "fast_path_applies",
     "mlp_residual",
+    "relative_tables",
+    "relative_terms",
     "window_attention",
 ]

@@ -20,7 +20,13 @@ from segment_anything.modeling.image_encoder import (
 
 import grounding.fused_linear as fused_linear_module
 from segmentation.sam_attention import accelerate_sam, restore_sam
-from segmentation.sam_block import FastBlock, fast_path_applies, window_attention
+from segmentation.sam_block import (
+    FastBlock,
+    fast_path_applies,
+    relative_tables,
+    relative_terms,
+    window_attention,
+)
 from segmentation.sam_windows import merge_windows, split_windows, window_layout
 
 ATOL = 1e-5
@@ -118,10 +124,34 @@ def test_window_attention_does_not_depend_on_the_product_blocks(score_elements, 
             scale=0.3,
         )
         actual = window_attention(
-            q.clone(), k, v, (rel_pos_h, rel_pos_w), layout, scale=0.3,
+            q.clone(),
+            k,
+            v,
+            (rel_pos_h, rel_pos_w),
+            layout,
+            scale=0.3,
             score_elements=score_elements,
         )
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+
+
+# (window height, window width, table rows): tables of 2 * size - 1 rows, and longer ones that
+# get_rel_pos resizes
+@pytest.mark.parametrize(("height", "width", "length"), [(3, 5, None), (4, 4, 11), (1, 6, 3)])
+def test_relative_terms_equal_segment_anything_decomposed_terms(height, width, length):
+    torch.manual_seed(0)
+    channels = 8
+    rel_pos_h = torch.randn(length or 2 * height - 1, channels)
+    rel_pos_w = torch.randn(length or 2 * width - 1, channels)
+    q = torch.randn(5, height * width, channels)
+    grid = q.view(5, height, width, channels)
+    # add_decomposed_rel_pos's two terms
+    expected_h = torch.einsum("mhwc,hkc->mhwk", grid, get_rel_pos(height, height, rel_pos_h))
+    expected_w = torch.einsum("mhwc,wkc->mhwk", grid, get_rel_pos(width, width, rel_pos_w))
+    tables = relative_tables((rel_pos_h, rel_pos_w), height, width)
+    rel_h, rel_w = relative_terms(q, tables, height, width)
+    torch.testing.assert_close(rel_h[..., 0], expected_h, atol=ATOL, rtol=0)
+    torch.testing.assert_close(rel_w[..., 0, :], expected_w, atol=ATOL, rtol=0)
 
 
 def decomposed_bias(q, rel_pos_h, rel_pos_w, layout):

@@ -1,4 +1,5 @@
-"""SAM image-encoder attention: segment_anything's eager `Attention` against `FastAttention` (SDPA).
+"""SAM image-encoder attention: segment_anything's eager `Attention` against `FastAttention` (SDPA)
+and, for whole encoders, `FastBlock` (the CPU inference block).
 
 Cases (random weights, rel-pos embeddings drawn from N(0, 1) so the bias matters, fp32):
 - window: one `Attention(256, heads=8)` on the 25 windows of 14 x 14 tokens that a 64 x 64 grid
@@ -7,11 +8,16 @@ Cases (random weights, rel-pos embeddings drawn from N(0, 1) so the bias matters
 - encoder: `ImageEncoderViT` with embed 256, heads 8, depth 2 (block 0 windowed, block 1 global),
   on 1 x 3 x 1024 x 1024.
 - vit_b_global (--vit-b): one `Attention(768, heads=12)` on 4096 tokens, ViT-B's global block.
+- vit_b_encoder (--vit-b): SAM ViT-B's whole image encoder (`sam_model_registry["vit_b"]`), 12
+  blocks, on 1 x 3 x 1024 x 1024.
 
 Variants: `original` (segment_anything's forward), `sdpa` (`accelerate_sam` defaults: the
 additive mask built per block of query rows, `DEFAULT_BIAS_ELEMENTS` elements per SDPA call),
 `sdpa-1call` (`bias_elements=0`: the whole (B, heads, HW, HW) mask, one SDPA call), and one
-`sdpa-<n>` per --bias-elements. --bf16 adds every case under CPU bf16 autocast.
+`sdpa-<n>` per --bias-elements; for the encoder cases also `fastblock` (every `Block` re-classed
+to `segmentation.sam_block.FastBlock`, as `accelerate_sam` does: its own explicit attention in
+fp32 CPU inference, the `sdpa` path otherwise, e.g. under autocast). --bf16 adds every case under
+CPU bf16 autocast.
 
 Timing: one subprocess per case runs every variant once as a warm-up, then --runs rounds with
 the variants interleaved (order reversed every other round), so a busy neighbour slows all of
@@ -25,6 +31,8 @@ original fp32 output| on the same input (also for the bf16 rows).
     python scripts/benchmark_sam_attention.py  # ~3 min on one core
     # ~8 min; the original ViT-B global block adds 2.4 GB to its forward
     python scripts/benchmark_sam_attention.py --vit-b --bf16 --bias-elements 2097152
+    # FastBlock against the SDPA blocks and segment_anything on the whole ViT-B encoder
+    OMP_NUM_THREADS=2 python scripts/benchmark_sam_attention.py --cases vit_b_encoder
 """
 
 from __future__ import annotations
@@ -42,20 +50,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT
-from segment_anything.modeling.image_encoder import Attention
+from segment_anything.modeling.image_encoder import Attention, Block
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segmentation.sam_attention import DEFAULT_BIAS_ELEMENTS, FastAttention  # noqa: E402
+from segmentation.sam_block import FastBlock  # noqa: E402
 
 CASES = ("window", "global", "encoder")
+VIT_B_CASES = ("vit_b_global", "vit_b_encoder")
+ENCODER_CASES = ("encoder", "vit_b_encoder")
 
 
 def build_case(case: str) -> tuple[nn.Module, torch.Tensor]:
     """(module, input) for `case`, seeded."""
     torch.manual_seed(0)
-    if case == "encoder":
+    if case == "vit_b_encoder":
+        module = sam_model_registry["vit_b"](checkpoint=None).image_encoder
+        x = torch.randn(1, 3, 1024, 1024)
+    elif case == "encoder":
         module = ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=256, depth=2,
                                  num_heads=8, out_chans=256, use_rel_pos=True, window_size=14,
                                  global_attn_indexes=(1,))
@@ -73,14 +88,17 @@ def build_case(case: str) -> tuple[nn.Module, torch.Tensor]:
 
 
 def set_variant(module: nn.Module, variant: str) -> None:
-    """Re-class every Attention of `module` to the variant's forward."""
+    """Re-class every Attention (and Block) of `module` to the variant's forward."""
+    for block in module.modules():
+        if isinstance(block, Block):
+            block.__class__ = FastBlock if variant == "fastblock" else Block
     for attention in module.modules():
         if isinstance(attention, Attention):
             if variant == "original":
                 attention.__class__ = Attention
                 continue
             attention.__class__ = FastAttention
-            named = {"sdpa": None, "sdpa-1call": 0}
+            named = {"sdpa": None, "sdpa-1call": 0, "fastblock": None}
             attention.bias_elements = (named[variant] if variant in named
                                        else int(variant.removeprefix("sdpa-")))
 
@@ -150,7 +168,10 @@ def table(rows: list[dict], say: Callable[[str], None] = print) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed forwards per row")
-    parser.add_argument("--vit-b", action="store_true", help="add ViT-B's global block (2.4 GB)")
+    parser.add_argument("--vit-b", action="store_true",
+                        help="add ViT-B's global block (2.4 GB) and whole encoder")
+    parser.add_argument("--cases", nargs="+", choices=CASES + VIT_B_CASES,
+                        help="only these cases (default: all, ViT-B ones with --vit-b)")
     parser.add_argument("--bf16", action="store_true", help="add every case under bf16 autocast")
     parser.add_argument("--bias-elements", type=int, nargs="*", default=[],
                         help="extra sdpa variants with these mask elements per SDPA call")
@@ -164,8 +185,9 @@ def main() -> None:
         else:
             print(json.dumps(timing_child(case, rest[1:], dtype, int(rest[0]))))
         return
-    cases = CASES + (("vit_b_global",) if args.vit_b else ())
-    variants = ["original", "sdpa", "sdpa-1call", *(f"sdpa-{n}" for n in args.bias_elements)]
+    cases = args.cases or CASES + (VIT_B_CASES if args.vit_b else ())
+    attention_variants = ["original", "sdpa", "sdpa-1call",
+                          *(f"sdpa-{n}" for n in args.bias_elements)]
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"torch threads {torch.get_num_threads()}, runs {args.runs}, "
@@ -173,6 +195,7 @@ def main() -> None:
     rows = []
     for dtype in ("fp32", "bf16") if args.bf16 else ("fp32",):
         for case in cases:
+            variants = attention_variants + (["fastblock"] if case in ENCODER_CASES else [])
             timings = run_child("timing", case, dtype, str(args.runs), *variants)
             for variant in variants:
                 memory = run_child("memory", case, dtype, variant)

@@ -60,8 +60,17 @@ def imported_modules(sources: list[str]) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for source in sources:
         for path in _python_files(source):
-            # Scripts import their neighbours as top-level modules (`from timing import ...`).
-            neighbours = {sibling.stem for sibling in path.parent.glob("*.py")}
+            # Scripts import their neighbours as top-level modules (`from timing import ...`),
+            # modules and packages alike; a package's modules import its parent's neighbours.
+            folders = [path.parent]
+            if (path.parent / "__init__.py").exists():
+                folders.append(path.parent.parent)
+            neighbours = {
+                sibling.stem
+                for folder in folders
+                for sibling in folder.iterdir()
+                if sibling.suffix == ".py" or (sibling / "__init__.py").exists()
+            }
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
                 if isinstance(node, ast.Import):
                     names = [alias.name for alias in node.names]

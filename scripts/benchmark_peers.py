@@ -28,10 +28,12 @@ honest: detector queries are paired by the image cell they were selected from.
 
 Timing: one warm-up per side and stage, then --runs rounds; in each round every stage runs ours
 then the peer, or the peer then ours (alternating by round). Medians per stage, ratio = ours /
-peer (below 1: ours is faster). Peak RSS (`getrusage`) covers the whole process, both sides
-together; on CUDA the peak allocated GPU memory is also taken per stage and side. `--json OUT`
-keeps every raw time. Figures belong in the README or notes together with the command line and
-the machine (the header line of the output).
+peer (below 1: ours is faster); also each round's own ratio (its median, lowest and highest),
+which a machine that slows down or speeds up during the run moves less than the medians. Peak
+RSS (`getrusage`) covers the whole process, both sides together; on CUDA the peak allocated GPU
+memory is also taken per stage and side. `--json OUT` keeps every raw time. Figures belong in
+the README or notes together with the command line and the machine (the header line of the
+output).
 
     # CPU, full size: about 1.5 min per round on 2 cores (the warm-up is one more); both
     # detectors and SAM sit in memory (several GB), and the saved model (~0.7 GB) in a temp dir
@@ -362,19 +364,23 @@ def report(args, device, size, stages: list[Stage], rss_before: int | None) -> N
               f"torch {torch.__version__}, transformers {transformers.__version__}")
     cuda = device.type == "cuda"
     print(header)
-    print("| stage | ours s | peer s | ratio (ours/peer) | output difference |"
-          + (" GPU peak ours / peer GB |" if cuda else ""))
-    print("|---|---|---|---|---|" + ("---|" if cuda else ""))
+    print("| stage | ours s | peer s | ratio (ours/peer) | per round: median (range) "
+          "| output difference |" + (" GPU peak ours / peer GB |" if cuda else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     rows = []
     for stage in stages:
         ours, peer = (statistics.median(stage.seconds[side]) for side in ("ours", "peer"))
-        line = f"| {stage.name} | {ours:.3f} | {peer:.3f} | {ours / peer:.2f} | {stage.compared} |"
+        paired = [a / b for a, b in zip(stage.seconds["ours"], stage.seconds["peer"], strict=True)]
+        line = (f"| {stage.name} | {ours:.3f} | {peer:.3f} | {ours / peer:.2f} | "
+                f"{statistics.median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f}) | "
+                f"{stage.compared} |")
         if cuda:
             line += (f" {stage.cuda_peak_bytes['ours'] / 1e9:.2f} / "
                      f"{stage.cuda_peak_bytes['peer'] / 1e9:.2f} |")
         print(line)
         rows.append({"stage": stage.name, "seconds": stage.seconds,
                      "median_s": {"ours": ours, "peer": peer}, "ratio": ours / peer,
+                     "ratio_per_round": paired,
                      "output_difference": stage.compared,
                      **({"cuda_peak_bytes": stage.cuda_peak_bytes} if cuda else {})})
 

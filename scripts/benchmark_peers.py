@@ -233,12 +233,7 @@ def build_stages(args, device, image, hf_model, processor, detector, our_sam,
     boxes = fixed_boxes(args.boxes, height, width, args.seed)
 
     def peer_masks():
-        prompts = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, device=device),
-                                                        (height, width))
-        with torch.inference_mode():
-            masks, scores, _ = predictor.predict_torch(None, None, boxes=prompts,
-                                                       multimask_output=False)
-        return masks[:, 0].cpu().numpy(), scores[:, 0].float().cpu().numpy()
+        return peer_decode(predictor, boxes, (height, width), device)
 
     # The box threshold that shows exactly --boxes boxes (from our raw scores).
     scores = detector.select(detector.infer(image, CAPTION), 0.0, TEXT_THRESHOLD).scores
@@ -308,6 +303,17 @@ def mask_difference(ours, peer) -> str:
     (ours_masks, ours_scores), (peer_masks, peer_scores) = ours, peer
     differing = int((ours_masks != peer_masks).sum())
     return f"{differing} mask pixels differ; IoU scores {max_abs(ours_scores, peer_scores):.1e}"
+
+
+def peer_decode(predictor, boxes: np.ndarray, size: tuple[int, int], device: torch.device):
+    """The peer's mask decoding on the image already set: `predict_torch` for boxes (N, 4) x0,
+    y0, x1, y1 in pixels of an image of `size` (H, W), one mask each; (masks (N, H, W) bool,
+    IoU scores (N,)) as NumPy."""
+    prompts = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, device=device), size)
+    with torch.inference_mode():
+        masks, scores, _ = predictor.predict_torch(None, None, boxes=prompts,
+                                                   multimask_output=False)
+    return masks[:, 0].cpu().numpy(), scores[:, 0].float().cpu().numpy()
 
 
 def peer_boxes_to_masks(predictor, image: np.ndarray, boxes):

@@ -58,12 +58,7 @@ def section_bench(ctx: Context, report: Report, deadline: float) -> None:
                             token_type_ids=torch.zeros_like(tokens["input_ids"]))
 
     def peer_decode(predictor):
-        prompts = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, device=device),
-                                                        (height, width))
-        with torch.inference_mode():
-            masks, scores, _ = predictor.predict_torch(None, None, boxes=prompts,
-                                                       multimask_output=False)
-        return masks[:, 0].cpu().numpy(), scores[:, 0].float().cpu().numpy()
+        return peers.peer_decode(predictor, boxes, (height, width), device)
 
     def peer_text_to_masks(predictor):
         """transformers' processor, forward and post-processing (best BOXES boxes, clipped),

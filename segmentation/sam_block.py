@@ -23,9 +23,10 @@ This replaces SDPA on the CPU: PyTorch's CPU flash kernel takes the relative pos
 materialised float mask, whose writing and reading cost about as much as the softmax
 (`segmentation.sam_attention` keeps that path for autograd, other devices, other dtypes and
 `torch.compile`, where `FastBlock` defers to `Block.forward`). SAM ViT-B's image encoder on 2 CPU
-threads: 6.5 -> 5.6 s in one process against the SDPA blocks; 5.4-5.9 s in
-scripts/benchmark_peers.py (README); outputs within float
-rounding of segment_anything's (tests/test_sam_block.py).
+threads: 5.9 s against 7.1 s with the SDPA blocks and 10.7 s in segment_anything, the forward
+adding 249 MB to the process against 323 MB and 2.5 GB (scripts/benchmark_sam_attention.py
+--cases vit_b_encoder; scripts/benchmark_peers.py, README); outputs within float rounding of
+segment_anything's (tests/test_sam_block.py).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ Measured on a 2-core AMD EPYC (AVX-512 with VNNI), torch 2.11:
   0.935 -> 0.936; these models are tiny, so neither mode saves noticeable time;
 - full-size models with random weights, on top of the default path (SAM's CPU blocks and fused
   Linear layers; `scripts/benchmark_fast_modes.py --threads 2 --runs 2`): SAM ViT-B's image
-  encoder on 1024 x 1024: fp32 5.36 s, int8 3.44 s (1.6x; the embedding within 1.6%, relative
+  encoder on 1024 x 1024: fp32 5.22 s, int8 3.12 s (1.7x; the embedding within 1.6%, relative
   L2); compile 7.78 s and int8 + compile 12.8 s, measured when eager fp32 took 7.17 s (compiled,
   the encoder takes the SDPA path; the first call compiles for 80 s); the SwinT detector at
   800 x 1200: fp32 4.49 s, int8 3.69 s (1.2x; the image tokens within 1.8%, boxes of the same

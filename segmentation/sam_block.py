@@ -175,30 +175,34 @@ def _query_rows(
     rows: int,
 ) -> Tensor:
     """`window_attention` over `rows` image rows of queries of one matrix per product, through
-    oneDNN (`matmul_transposed`)."""
+    oneDNN (`matmul_transposed`); the matrix's relative-position terms and transposed values
+    made just before its products, so they are still in cache (1 MiB each for ViT-B)."""
     height, width = layout.window_height, layout.window_width
     matrices, _, channels = q.shape
-    rel_h = rel_w = None
-    if rel_pos is not None:
-        # rel_h[m, qh, qw, kh] = q . Rh[qh, kh] and rel_w[m, qh, qw, kw] = q . Rw[qw, kw]
-        grid = q.view(matrices, height, width, channels)
-        rel_h = torch.einsum("mhwc,hkc->mhwk", grid, get_rel_pos(height, height, rel_pos[0]))
-        rel_w = torch.einsum("mhwc,wkc->mhwk", grid, get_rel_pos(width, width, rel_pos[1]))
-        rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
-    q = q.mul_(scale)
+    tables = None
+    if rel_pos is not None:  # per query row (H, C, kh) and per query column (W, C, kw)
+        tables = (
+            get_rel_pos(height, height, rel_pos[0]).transpose(1, 2),
+            get_rel_pos(width, width, rel_pos[1]).transpose(1, 2),
+        )
     out = q  # each step's output rows replace the queries it has used
-    values_t = v.transpose(1, 2).contiguous()  # (matrices, C, tokens): oneDNN's weight layout
     for matrix in range(matrices):
+        values_t = v[matrix].t().contiguous()  # (C, tokens): oneDNN's weight layout
+        rel_h = rel_w = None
+        if tables is not None:  # one matrix's terms (1 MiB each for ViT-B), from unscaled q
+            grid = q[matrix].view(height, width, channels)
+            rel_h = torch.bmm(grid, tables[0])  # (qh, qw, kh) = q . Rh[qh, kh]
+            rel_w = torch.bmm(grid.transpose(0, 1), tables[1]).transpose(0, 1)  # q . Rw[qw, kw]
+        queries_all = q[matrix].mul_(scale)
         for top in range(0, height, rows):
             bottom = min(top + rows, height)
             queries = slice(top * width, bottom * width)
-            scores = matmul_transposed(q[matrix, queries], k[matrix])  # (r * W, tokens)
+            scores = matmul_transposed(queries_all[queries], k[matrix])  # (r * W, tokens)
             if rel_h is not None and rel_w is not None:
                 terms = scores.view(bottom - top, width, height, width)  # (r, qw, kh, kw)
-                terms.add_(rel_h[matrix, top:bottom, :, :, None])
-                terms.add_(rel_w[matrix, top:bottom, :, None, :])
+                terms.add_(rel_h[top:bottom, :, :, None]).add_(rel_w[top:bottom, :, None, :])
             probabilities = torch.softmax(scores, -1, out=scores)
-            out[matrix, queries] = matmul_transposed(probabilities, values_t[matrix])
+            out[matrix, queries] = matmul_transposed(probabilities, values_t)
     return out
 
 

@@ -36,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.modeling.common import MLPBlock
-from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
+from segment_anything.modeling.image_encoder import Attention, Block
 from torch import Tensor
 
 from grounding.fused_linear import fused_linear, is_exact_gelu
 from segmentation.sam_block import FastBlock
+from segmentation.sam_rel_pos import decomposed_rel_pos, rel_pos_tables
 
 # Mask elements per SDPA call on the CPU, 64 MiB in fp32: 4 to 8 image rows of queries per call in
 # SAM's 64 x 64 global blocks (8 to 16 heads), one call for its windowed blocks. On one core, 4 to
@@ -96,30 +97,6 @@ class FastMLPBlock(MLPBlock):
         return fused_linear(fused_linear(x, self.lin1, "gelu"), self.lin2)
 
 
-def decomposed_rel_pos(
-    q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]
-) -> tuple[Tensor, Tensor]:
-    """The factors of `add_decomposed_rel_pos` for queries and keys on the same (H, W) grid.
-
-    Args:
-        q: (..., H * W, C) unscaled queries.
-        rel_pos_h: (Lh, C) height embeddings; resized to 2H - 1 rows as in segment_anything.
-        rel_pos_w: (Lw, C) width embeddings.
-        size: (H, W).
-
-    Returns:
-        rel_h (..., H, W, H) and rel_w (..., H, W, W): the score of query (qh, qw) gets
-        `rel_h[..., qh, qw, kh] + rel_w[..., qh, qw, kw]` for key (kh, kw).
-    """
-    height, width = size
-    rh = get_rel_pos(height, height, rel_pos_h)  # (H, H, C)
-    rw = get_rel_pos(width, width, rel_pos_w)  # (W, W, C)
-    grid_q = q.unflatten(-2, (height, width))  # (..., H, W, C)
-    rel_h = torch.einsum("...hwc,hkc->...hwk", grid_q, rh)
-    rel_w = torch.einsum("...hwc,wkc->...hwk", grid_q, rw)
-    return rel_h, rel_w
-
-
 def rel_pos_attention(
     q: Tensor,
     k: Tensor,
@@ -135,7 +112,7 @@ def rel_pos_attention(
 
     Args:
         q, k, v: (B, heads, H * W, C) in row-major (h, w) token order.
-        rel_pos_h, rel_pos_w: as `decomposed_rel_pos`.
+        rel_pos_h, rel_pos_w: the (L, C) tables (`segmentation.sam_rel_pos.rel_pos_tables`).
         size: (H, W).
         scale: the factor on q k^T (not on the relative-position terms, as in segment_anything).
         bias_elements: at most this many mask elements per SDPA call, but at least one image row
@@ -149,7 +126,7 @@ def rel_pos_attention(
     height, width = size
     if bias_elements is None:
         bias_elements = DEFAULT_BIAS_ELEMENTS if q.device.type == "cpu" else 0
-    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, size)
+    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_tables(rel_pos_h, rel_pos_w, size))
     # The mask must have q's dtype (autocast may give the einsums another). einsum returns permuted
     # strides, and the broadcast sum below would inherit them and cost a copy in `flatten`.
     rel_h, rel_w = rel_h.to(q.dtype).contiguous(), rel_w.to(q.dtype).contiguous()
@@ -222,7 +199,6 @@ __all__ = [
     "FastAttention",
     "FastMLPBlock",
     "accelerate_sam",
-    "decomposed_rel_pos",
     "rel_pos_attention",
     "restore_sam",
 ]

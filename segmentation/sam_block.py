@@ -12,8 +12,8 @@ arXiv 2112.09747 §3.1) is norm1 -> window partition -> `Attention` (qkv, per-he
   of queries (at most `SCORE_ELEMENTS`, 4 MiB, so they stay in cache), the two relative-position
   terms added in place by broadcasting, softmax in place, times v into the queries' own rows. A
   windowed block's relative-position terms come per block from one small product with the
-  offset tables (`relative_terms`, read through strided views: no gather); a global block's
-  products go through oneDNN (`grounding.fused_linear.matmul_transposed`);
+  offset tables (`segmentation.sam_rel_pos`, read through strided views: no gather), a global
+  block's per head; its products go through oneDNN (`grounding.fused_linear.matmul_transposed`);
 - norm2 + MLP + residual over `MLP_TOKENS` tokens at a time, the residual sums in place.
 
 No temporary is larger than ~25 MB, so the allocator reuses memory instead of mapping (and
@@ -32,10 +32,16 @@ segment_anything's (tests/test_sam_block.py).
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling.image_encoder import Block, get_rel_pos
+from segment_anything.modeling.image_encoder import Block
 from torch import Tensor, nn
 
 from grounding.fused_linear import fused_linear, matmul_transposed
+from segmentation.sam_rel_pos import (
+    decomposed_rel_pos,
+    rel_pos_tables,
+    relative_tables,
+    relative_terms,
+)
 from segmentation.sam_windows import WindowLayout, merge_windows, split_windows, window_layout
 
 # Score elements per product: 4 MiB of float32, in the 32 MiB L3 with room for q, k and v. A global
@@ -178,21 +184,14 @@ def _query_rows(
     oneDNN (`matmul_transposed`); the matrix's relative-position terms and transposed values
     made just before its products, so they are still in cache (1 MiB each for ViT-B)."""
     height, width = layout.window_height, layout.window_width
-    matrices, _, channels = q.shape
-    tables = None
-    if rel_pos is not None:  # per query row (H, C, kh) and per query column (W, C, kw)
-        tables = (
-            get_rel_pos(height, height, rel_pos[0]).transpose(1, 2),
-            get_rel_pos(width, width, rel_pos[1]).transpose(1, 2),
-        )
+    matrices = q.shape[0]
+    tables = None if rel_pos is None else rel_pos_tables(*rel_pos, (height, width))
     out = q  # each step's output rows replace the queries it has used
     for matrix in range(matrices):
         values_t = v[matrix].t().contiguous()  # (C, tokens): oneDNN's weight layout
         rel_h = rel_w = None
         if tables is not None:  # one matrix's terms (1 MiB each for ViT-B), from unscaled q
-            grid = q[matrix].view(height, width, channels)
-            rel_h = torch.bmm(grid, tables[0])  # (qh, qw, kh) = q . Rh[qh, kh]
-            rel_w = torch.bmm(grid.transpose(0, 1), tables[1]).transpose(0, 1)  # q . Rw[qw, kw]
+            rel_h, rel_w = decomposed_rel_pos(q[matrix], tables)  # (qh, qw, kh), (qh, qw, kw)
         queries_all = q[matrix].mul_(scale)
         for top in range(0, height, rows):
             bottom = min(top + rows, height)
@@ -206,70 +205,11 @@ def _query_rows(
     return out
 
 
-def relative_tables(rel_pos: tuple[Tensor, Tensor], height: int, width: int) -> Tensor:
-    """A block's height and width relative-position embeddings, stacked for `relative_terms`.
-
-    Args:
-        rel_pos: the (L, C) `rel_pos_h` and `rel_pos_w` tables (resized as segment_anything's
-            `get_rel_pos` does when L is not 2 * size - 1).
-        height, width: the window's size in tokens.
-
-    Returns:
-        (2 * height - 1 + 2 * width - 1, C) contiguous: the height embeddings of offsets (query
-        row - key row) height - 1, height - 2, ..., 1 - height, then the width ones likewise.
-        Query row qh meets key row kh at row height - 1 - qh + kh: one stride per query row.
-    """
-    parts = []
-    for size, table in zip((height, width), rel_pos, strict=True):
-        per_pair = get_rel_pos(size, size, table)  # (size, size, C): offset query - key
-        # offsets size - 1 ... 0 (last query against each key), then -1 ... 1 - size
-        parts += [per_pair[-1], per_pair[0, 1:]]
-    return torch.cat(parts)
-
-
-def relative_terms(
-    queries: Tensor, tables: Tensor, height: int, width: int
-) -> tuple[Tensor, Tensor]:
-    """segment_anything's decomposed relative-position terms of whole windows, as broadcastable
-    views of one (tokens x offsets) product instead of a per-offset gather.
-
-    Args:
-        queries: (m, height * width, C) unscaled, contiguous.
-        tables: `relative_tables(...)` of the block.
-        height, width: the window's size in tokens.
-
-    Returns:
-        rel_h (m, qh, qw, kh, 1) and rel_w (m, qh, qw, 1, kw), views for adding to scores viewed as
-        (m, qh, qw, kh, kw): `queries . Rh[qh - kh]` and `queries . Rw[qw - kw]`.
-    """
-    count, tokens, channels = queries.shape
-    length = tables.shape[0]
-    # (m * tokens, length), strides (tokens * length, width * length, length, 1) as (m, qh, qw, j)
-    products = matmul_transposed(queries.reshape(count * tokens, channels), tables)
-    start = products.storage_offset()
-    per_matrix, per_row = tokens * length, width * length
-    # height row j = height - 1 - qh + kh: one element less per query row
-    rel_h = products.as_strided(
-        (count, height, width, height, 1),
-        (per_matrix, per_row - 1, length, 1, 0),
-        start + height - 1,
-    )
-    # width row j = 2 * height - 1 + width - 1 - qw + kw: one element less per query column
-    rel_w = products.as_strided(
-        (count, height, width, 1, width),
-        (per_matrix, per_row, length - 1, 0, 1),
-        start + 2 * height - 1 + width - 1,
-    )
-    return rel_h, rel_w
-
-
 __all__ = [
     "MLP_TOKENS",
     "SCORE_ELEMENTS",
     "FastBlock",
     "fast_path_applies",
     "mlp_residual",
-    "relative_tables",
-    "relative_terms",
     "window_attention",
 ]

@@ -20,13 +20,8 @@ from segment_anything.modeling.image_encoder import (
 
 import grounding.fused_linear as fused_linear_module
 from segmentation.sam_attention import accelerate_sam, restore_sam
-from segmentation.sam_block import (
-    FastBlock,
-    fast_path_applies,
-    relative_tables,
-    relative_terms,
-    window_attention,
-)
+from segmentation.sam_block import FastBlock, fast_path_applies, window_attention
+from segmentation.sam_rel_pos import relative_tables, relative_terms
 from segmentation.sam_windows import merge_windows, split_windows, window_layout
 
 ATOL = 1e-5

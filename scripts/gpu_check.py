@@ -66,6 +66,11 @@ The device run (one call, H200: building the models takes about a minute, the se
 
     python scripts/gpu_check.py --json $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.txt
 
+The device tool's machine lacks some of the packages (segment_anything, supervision, ...):
+`python scripts/gpu_wheels.py` downloads them here as wheels into .whl/ and prints the one
+command that installs them there, runs this script with --budget 360 and then tests/test_gpu.py
+(`run` with carry [".whl"], timeout_s 600).
+
 Paste into the README (or notes) the header line and the final Markdown table, with the command
 line; the JSON keeps every raw time. Check of this script on a CPU (tiny models, under a minute):
 

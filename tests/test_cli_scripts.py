@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -23,3 +24,24 @@ def test_benchmark_help_needs_no_pythonpath(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     assert "--boxes" in completed.stdout
+
+
+def test_gpu_wheels_pins_what_requirements_pin_and_its_device_command_fits():
+    """scripts/gpu_wheels.py --dry-run: the versions of requirements.txt (or installed here, for
+    dependencies it does not pin), and a command the device tool takes (at most 2,000
+    characters) that installs the carried folder, then runs gpu_check.py and the gpu tests."""
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPTS / "gpu_wheels.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    specs = dict(line.split("==") for line in completed.stdout.splitlines() if "==" in line)
+    requirements = (SCRIPTS.parent / "requirements.txt").read_text()
+    for name in ("segment-anything", "supervision", "transformers", "huggingface_hub", "timm"):
+        assert f"{name}=={specs[name]}\n" in requirements
+    assert specs["httpx2"] == metadata.version("httpx2")  # not pinned: the version installed
+    command = completed.stdout.strip().splitlines()[-1]
+    assert len(command) <= 2000
+    assert command.index(".whl/*.whl") < command.index("gpu_check.py") < command.index("-m gpu")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from grounding.devices import host_tensor
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision inputs (as the reference CUDA kernel), else unchanged."""
@@ -272,9 +274,7 @@ class MultiScaleDeformableAttention(nn.Module):
         reference_points = reference_points.to(dtype)
         if reference_points.shape[-1] == 2:
             # (levels, 2) as (W_l, H_l): offsets are in cells of each level
-            normaliser = torch.tensor(
-                [[w, h] for h, w in spatial_shapes], dtype=dtype, device=query.device
-            )
+            normaliser = host_tensor([[w, h] for h, w in spatial_shapes], dtype, query.device)
             locations = (
                 reference_points[:, :, None, :, None, :]
                 + offsets / normaliser[None, None, None, :, None, :]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from grounding.box_ops import inverse_sigmoid
 from grounding.config import GroundingDINOConfig
 from grounding.decoder import CrossModalityDecoder
+from grounding.devices import host_tensor
 from grounding.feature_enhancer import FeatureEnhancer
 from grounding.heads import MLP, ContrastiveHead
 from grounding.image_backbone import ImageBackbone
@@ -183,11 +184,7 @@ class GroundingDINO(nn.Module):
             positions.append(position + self.level_embed[level].view(1, 1, -1))
             masks.append(mask.flatten(1))
             shapes.append((height, width))
-            ratios.append(
-                torch.tensor(
-                    [[m.shape[-1] / width, m.shape[-2] / height] for m in maps], dtype=torch.float32
-                )
-            )
+            ratios.append([[m.shape[-1] / width, m.shape[-2] / height] for m in maps])
         padded_any = any(
             m.shape[-2:] != (h, w)
             for maps, (h, w) in zip(levels, shapes, strict=True)
@@ -198,7 +195,8 @@ class GroundingDINO(nn.Module):
             position=torch.cat(positions, 1),
             padding_mask=torch.cat(masks, 1) if padded_any else None,
             spatial_shapes=shapes,
-            valid_ratios=torch.stack(ratios, 1).to(pixels.device),  # (B, L, 2)
+            # (B, L, 2)
+            valid_ratios=host_tensor(list(zip(*ratios, strict=True)), torch.float32, pixels.device),
         )
 
     def _project_levels(self, pixels: Tensor, sizes: list[tuple[int, int]]) -> list[list[Tensor]]:

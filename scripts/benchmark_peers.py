@@ -92,6 +92,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda":  # fp32 means fp32: PyTorch's default runs convolutions in TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     height, width = args.size or ((256, 384) if args.tiny else (800, 1200))
     image = np.random.default_rng(args.seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as directory:
@@ -364,9 +366,10 @@ def report(args, device, size, stages: list[Stage], rss_before: int | None) -> N
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, "
                     f"{torch.get_num_threads()} threads")
+    precision = "fp32 (TF32 off)" if device.type == "cuda" else "fp32"
     header = (f"{'tiny' if args.tiny else 'SwinT-OGC'} Grounding DINO + SAM "
               f"{'tiny' if args.tiny else args.sam_variant}, {size[0]}x{size[1]} image, "
-              f"{device} ({machine}), fp32, {args.runs} interleaved runs after a warm-up; "
+              f"{device} ({machine}), {precision}, {args.runs} interleaved runs after a warm-up; "
               f"torch {torch.__version__}, transformers {transformers.__version__}")
     cuda = device.type == "cuda"
     print(header)

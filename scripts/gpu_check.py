@@ -17,9 +17,11 @@ the run goes on; each has a share of `--budget` seconds, so the run stays within
   other run above the threshold - 0.02 (same phrase, box IoU >= 0.9), both ways; SAM finite, mask
   IoU mean >= 0.95.
 - sync: `torch.cuda.set_sync_debug_mode("warn")` around the bare forwards (detector
-  encode_image + ground, SAM image encoder, SAM prompt encoder + mask decoder, inputs already on
-  the GPU: target 0 synchronisations) and around the wrappers (`detect`, `infer`, `embed`,
-  `segment`, a first `GroundedSAM.run`: counted, the first call sites listed).
+  encode_image + ground, SAM's image encoder as `build_sam` returns it (`accelerate_sam`), SAM
+  prompt encoder + mask decoder, inputs already on the GPU: target 0 synchronisations; the mode's
+  own one-time notice is not counted), segment_anything's own image encoder (reported: its
+  `get_rel_pos` indexes with a CPU `arange`, 2 syncs a block) and the wrappers (`detect`,
+  `infer`, `embed`, `segment`, a first `GroundedSAM.run`: counted, the first call sites listed).
 - sdpa: which scaled_dot_product_attention kernels (flash, memory-efficient, cuDNN, math) run on
   SAM's global-attention shape, fp32 and bf16, with and without a float bias (SAM's relative
   positions); and, when `segmentation/sam_attention.py` exists, `accelerate_sam(sam)` (SAM's
@@ -39,12 +41,12 @@ the run goes on; each has a share of `--budget` seconds, so the run stays within
   (eager, fp32 and bf16 autocast), SAM embedding `BoxSegmenter.embed` vs
   `SamPredictor.set_image`, 5-box mask decoding vs `predict_torch`, "text -> masks" (a first
   `GroundedSAM.run` on an uncached image, box threshold 0, max_detections=5: SwinT + --sam-variant)
-  in fp32, TF32, bf16 autocast (and bf16 + accelerate_sam, with its default mask blocks and with
-  one SDPA call per block, when available) vs the same chain from transformers + SamPredictor,
-  and the app's request (run + drawing + COCO JSON). Targets: text -> masks <= 30 ms; detector
-  >= 5x transformers eager fp32. Precisions: "fp32" is TF32 off for matmuls and convolutions
-  alike, "TF32" on for both (PyTorch's default lies between: TF32 convolutions, fp32 matmuls),
-  "bf16" / "fp16" autocast.
+  in fp32, TF32, bf16 autocast (and fp32 and bf16 with accelerate_sam, SAM as `build_sam` returns
+  it, with its default mask blocks and with one SDPA call per block) vs the same chain from
+  transformers + SamPredictor, and the app's request (run + drawing + COCO JSON). Targets:
+  text -> masks <= 30 ms; detector >= 5x transformers eager fp32. Precisions: "fp32" is TF32
+  off for matmuls and convolutions alike, "TF32" on for both (PyTorch's default lies between:
+  TF32 convolutions, fp32 matmuls), "bf16" / "fp16" autocast.
 
 Models: random weights, nothing downloaded. The detector is transformers' full-size
 `GroundingDinoConfig()` (SwinT-OGC), perturbed and saved with `save_pretrained` plus a tokenizer

@@ -178,12 +178,21 @@ def missing_compiler(device: str | torch.device = "cpu") -> str | None:
     """Why `torch.compile` cannot run on `device` here (None when it can).
 
     The CPU needs the C++ compiler inductor would call: `torch._inductor.config.cpp.cxx`
-    (`$CXX`, else g++, clang++ on macOS); CUDA needs Triton.
+    (`$CXX`, else g++, clang++ on macOS); CUDA needs Triton, and the C compiler Triton builds
+    its kernel launchers with (`$CC`, else gcc or clang).
     """
     if torch.device(device).type == "cuda":
         from torch.utils._triton import has_triton
 
-        return None if has_triton() else "Triton is not installed"
+        if not has_triton():
+            return "Triton is not installed"
+        compilers = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
+        if any(shutil.which(compiler) for compiler in compilers):
+            return None
+        return (
+            f"torch.compile on CUDA needs a C compiler for Triton and found none (looked for "
+            f"{', '.join(compilers)}; set CC to one)"
+        )
     if sys.platform == "win32":
         candidates = [os.environ.get("CXX", "cl")]
     else:

@@ -245,6 +245,7 @@ class BoxSegmenter:
     def __init__(self, sam: Sam) -> None:
         self.sam = sam.eval()
         self.predictor = SamPredictor(sam)
+        self._current: ImageEmbedding | None = None  # the embedding the predictor holds
 
     @property
     def device(self) -> torch.device:
@@ -268,25 +269,33 @@ class BoxSegmenter:
                 "SAM needs an H x W x 3 uint8 RGB array, got "
                 f"{getattr(image, 'shape', type(image).__name__)}"
             )
+        self._current = None
         self.predictor.set_image(image)
-        return ImageEmbedding(
+        self._current = ImageEmbedding(
             self.predictor.features.cpu(),
             tuple(self.predictor.original_size),
             tuple(self.predictor.input_size),
         )
+        return self._current
 
     def set_image(self, image: np.ndarray) -> None:
         """Compute `image`'s embedding (once) for the following `segment` calls."""
         self.embed(image)
 
     def use(self, embedding: ImageEmbedding) -> None:
-        """Make a previously computed embedding current, without running the encoder."""
+        """Make a previously computed embedding current, without running the encoder (nor
+        copying it to the device again when it is the current one: `embed` just made it, or
+        `use` was given it last)."""
         predictor = self.predictor
+        if embedding is self._current and predictor.is_image_set:
+            return
+        self._current = None
         predictor.reset_image()
         predictor.features = embedding.features.to(self.device)
         predictor.original_size = embedding.original_size
         predictor.input_size = embedding.input_size
         predictor.is_image_set = True
+        self._current = embedding
 
     @torch.inference_mode()
     def segment(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,14 @@
 """SAM's decomposed relative positions (MViTv2, arXiv 2112.09747 §3.1), as its image encoder's
 attention adds them: `rel_pos[(qh, qw), (kh, kw)] = q . Rh[qh - kh] + q . Rw[qw - kw]`, with the
-unscaled queries and the (2 * size - 1, C) tables `rel_pos_h` / `rel_pos_w` (resized by
-segment_anything's `get_rel_pos` for other sizes).
+unscaled queries and the (2 * size - 1, C) tables `rel_pos_h` / `rel_pos_w` (resized linearly
+for other sizes, as segment_anything's `get_rel_pos`; `pair_table` is that function for queries
+and keys on one grid, with its indices made on the table's device: segment_anything's come from
+the CPU, a blocking host-to-device copy, one CUDA synchronisation per table and block).
 
 Two forms of the same terms:
 
-- `rel_pos_tables` + `decomposed_rel_pos`: the per-pair tables (`get_rel_pos`, (H, H, C) and
-  (W, W, C)) and one product per axis, as segment_anything's `add_decomposed_rel_pos` has them
+- `rel_pos_tables` + `decomposed_rel_pos`: the per-pair tables ((H, H, C) and (W, W, C), from
+  `pair_table`) and one product per axis, as segment_anything's `add_decomposed_rel_pos` has them
   (the SDPA path of `segmentation.sam_attention`, a global block of `segmentation.sam_block`);
 - `relative_tables` + `relative_terms`: the offset tables stacked, and one product of the queries
   with all offsets read back through strided views (a windowed block of `segmentation.sam_block`,
@@ -16,10 +18,29 @@ Two forms of the same terms:
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling.image_encoder import get_rel_pos
+import torch.nn.functional as F
 from torch import Tensor
 
 from grounding.fused_linear import matmul_transposed
+
+
+def pair_table(size: int, table: Tensor) -> Tensor:
+    """segment_anything's `get_rel_pos(size, size, table)`: the embedding of each offset between
+    queries and keys on one axis of `size` tokens, indexed on the table's device.
+
+    Args:
+        size: tokens along the axis (queries and keys alike).
+        table: (L, C) embeddings of offsets 1 - size ... size - 1; resized linearly (along L)
+            to 2 * size - 1 rows when L differs.
+
+    Returns:
+        (size, size, C): `[q, k]` is the embedding of offset q - k.
+    """
+    length = 2 * size - 1
+    if table.shape[0] != length:
+        table = F.interpolate(table.t()[None], size=length, mode="linear")[0].t()
+    positions = torch.arange(size, device=table.device)
+    return table[positions[:, None] - positions[None, :] + size - 1]
 
 
 def rel_pos_tables(
@@ -36,7 +57,7 @@ def rel_pos_tables(
         (H, H, C) and (W, W, C): `[q, k]` is the embedding of offset q - k.
     """
     height, width = size
-    return get_rel_pos(height, height, rel_pos_h), get_rel_pos(width, width, rel_pos_w)
+    return pair_table(height, rel_pos_h), pair_table(width, rel_pos_w)
 
 
 def decomposed_rel_pos(q: Tensor, tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -61,8 +82,8 @@ def relative_tables(rel_pos: tuple[Tensor, Tensor], height: int, width: int) -> 
     """A block's height and width relative-position embeddings, stacked for `relative_terms`.
 
     Args:
-        rel_pos: the (L, C) `rel_pos_h` and `rel_pos_w` tables (resized as segment_anything's
-            `get_rel_pos` does when L is not 2 * size - 1).
+        rel_pos: the (L, C) `rel_pos_h` and `rel_pos_w` tables (resized as `pair_table` does
+            when L is not 2 * size - 1).
         height, width: the window's size in tokens.
 
     Returns:
@@ -72,7 +93,7 @@ def relative_tables(rel_pos: tuple[Tensor, Tensor], height: int, width: int) -> 
     """
     parts = []
     for size, table in zip((height, width), rel_pos, strict=True):
-        per_pair = get_rel_pos(size, size, table)  # (size, size, C): offset query - key
+        per_pair = pair_table(size, table)  # (size, size, C): offset query - key
         # offsets size - 1 ... 0 (last query against each key), then -1 ... 1 - size
         parts += [per_pair[-1], per_pair[0, 1:]]
     return torch.cat(parts)
@@ -114,4 +135,10 @@ def relative_terms(
     return rel_h, rel_w
 
 
-__all__ = ["decomposed_rel_pos", "rel_pos_tables", "relative_tables", "relative_terms"]
+__all__ = [
+    "decomposed_rel_pos",
+    "pair_table",
+    "rel_pos_tables",
+    "relative_tables",
+    "relative_terms",
+]

@@ -173,6 +173,26 @@ def test_compile_without_a_compiler_warns_once_and_runs_eagerly(monkeypatch, sam
     np.testing.assert_array_equal(result.masks, expected.masks)
 
 
+@pytest.mark.parametrize(("triton", "found", "cc", "reason"), [
+    (False, {"gcc"}, None, "Triton is not installed"),
+    (True, set(), None, "looked for gcc, clang"),
+    (True, {"clang"}, None, None),  # what Triton falls back to
+    (True, {"gcc"}, "my-cc", "looked for my-cc"),  # $CC wins, as in Triton
+    (True, {"my-cc"}, "my-cc", None),
+])
+def test_compile_on_cuda_needs_triton_and_a_c_compiler(monkeypatch, triton, found, cc, reason):
+    import torch.utils._triton
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
+    monkeypatch.setattr(fast_modes.shutil, "which", lambda name: name if name in found else None)
+    if cc is None:
+        monkeypatch.delenv("CC", raising=False)
+    else:
+        monkeypatch.setenv("CC", cc)
+    missing = fast_modes.missing_compiler("cuda")
+    assert missing is None if reason is None else reason in missing
+
+
 # Importing torch._dynamo (by nn.Module.compile) warns about torch's own TorchScript classes.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_marks_sam_encoder_when_a_compiler_exists(monkeypatch):

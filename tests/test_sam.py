@@ -223,6 +223,30 @@ def test_one_encoder_run_per_image_and_one_decoder_call_per_batch(image, monkeyp
     assert calls["decoder"][-2:] == [3, 1] and (chunked != first).mean() < 1e-3
 
 
+def test_using_the_current_embedding_again_copies_nothing(image, monkeypatch):
+    """`use` uploads an embedding only when the predictor does not hold it already (on a GPU
+    each upload is a copy of 4 MiB for SAM, and the pipeline calls `use` before every decode)."""
+    segmenter = BoxSegmenter(tiny_sam())
+    uploads = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to",
+                        lambda t, *args, **kwargs: uploads.append(t) or real_to(t, *args, **kwargs))
+    first = segmenter.embed(image)
+    held = segmenter.predictor.features
+    segmenter.use(first)  # what embed just made
+    segmenter.use(first)
+    assert segmenter.predictor.features is held and not any(t is first.features for t in uploads)
+    masks, _ = segmenter.segment(BOXES)
+
+    other = segmenter.embed(image[::-1].copy())
+    segmenter.use(other)
+    segmenter.use(first)  # back: uploaded once
+    assert sum(t is first.features for t in uploads) == 1
+    assert np.array_equal(segmenter.segment(BOXES)[0], masks)
+    segmenter.use(other)
+    assert segmenter.predictor.original_size == other.original_size
+
+
 def test_segment_before_an_image_is_a_clear_error():
     with pytest.raises(RuntimeError, match="set_image"):
         BoxSegmenter(tiny_sam()).segment(BOXES)

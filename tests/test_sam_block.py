@@ -21,7 +21,7 @@ from segment_anything.modeling.image_encoder import (
 import grounding.fused_linear as fused_linear_module
 from segmentation.sam_attention import accelerate_sam, restore_sam
 from segmentation.sam_block import FastBlock, fast_path_applies, window_attention
-from segmentation.sam_rel_pos import relative_tables, relative_terms
+from segmentation.sam_rel_pos import pair_table, relative_tables, relative_terms
 from segmentation.sam_windows import merge_windows, split_windows, window_layout
 
 ATOL = 1e-5
@@ -147,6 +147,13 @@ def test_relative_terms_equal_segment_anything_decomposed_terms(height, width, l
     rel_h, rel_w = relative_terms(q, tables, height, width)
     torch.testing.assert_close(rel_h[..., 0], expected_h, atol=ATOL, rtol=0)
     torch.testing.assert_close(rel_w[..., 0, :], expected_w, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("size", "length"), [(5, None), (4, 11), (14, 27), (14, 9), (1, 3)])
+def test_pair_table_is_segment_anything_get_rel_pos(size, length):
+    """Bit for bit, also where the table is resized (up, down, to one row)."""
+    table = torch.randn(length or 2 * size - 1, 8, generator=torch.Generator().manual_seed(size))
+    assert torch.equal(pair_table(size, table), get_rel_pos(size, size, table))
 
 
 def decomposed_bias(q, rel_pos_h, rel_pos_w, layout):

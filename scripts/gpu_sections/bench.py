@@ -102,12 +102,13 @@ def section_bench(ctx: Context, report: Report, deadline: float) -> None:
         fast, fast_note = ctx.fast_sams()
     except Exception as error:  # noqa: BLE001
         fast, fast_note = {}, f"accelerate_sam failed: {type(error).__name__}: {error}"
-    for label, model in fast.items():
+    for label, model in fast.items():  # build_sam's SAM: fp32 as the app runs it, and bf16
         fast_segmenter = BoxSegmenter(model)
-        stages += [Stage(f"SAM embedding bf16: {label}",
-                         under("bf16", lambda s=fast_segmenter: s.embed(image))),
-                   Stage(f"text -> masks bf16 + {label}: ours",
-                         under("bf16", lambda s=fast_segmenter: fresh_run(ctx, s)))]
+        for name in ("fp32", "bf16"):
+            stages += [Stage(f"SAM embedding {name}: {label}",
+                             under(name, lambda s=fast_segmenter: s.embed(image))),
+                       Stage(f"text -> masks {name} + {label}: ours",
+                             under(name, lambda s=fast_segmenter: fresh_run(ctx, s)))]
     stages += [
         Stage("text -> masks fp32: transformers + SamPredictor",
               under("fp32", lambda: peer_text_to_masks(predictors["fp32"]))),
@@ -194,11 +195,13 @@ def section_bench(ctx: Context, report: Report, deadline: float) -> None:
                   f"mask decoding {BOXES} boxes {name}: SamPredictor.predict_torch",
                   f"mask decoding {BOXES} boxes {name}: ours", None)
     for label in fast:
-        ratio_row(f"SAM embedding bf16 (plain / {label})", "SAM embedding bf16: ours",
-                  f"SAM embedding bf16: {label}", None)
+        for name in ("fp32", "bf16"):
+            ratio_row(f"SAM embedding {name} (plain / {label})", f"SAM embedding {name}: ours",
+                      f"SAM embedding {name}: {label}", None)
     models = "tiny detector + tiny SAM" if ctx.args.tiny else f"SwinT + {ctx.args.sam_variant}"
     names = [f"text -> masks {name}: ours" for name in precisions]
-    names += [f"text -> masks bf16 + {label}: ours" for label in fast]
+    names += [f"text -> masks {name} + {label}: ours"
+              for label in fast for name in ("fp32", "bf16")]
     for name in names:
         check = f"{name.removesuffix(': ours')} ({models}, {BOXES} boxes)"
         if ms(name) is None:

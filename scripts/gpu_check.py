@@ -4,8 +4,9 @@ Sections (`--sections`, default all; each is guarded: a failure is a FAIL row wi
 the run goes on; each has a share of `--budget` seconds, so the run stays within it):
 
 - env: torch / CUDA / cuDNN versions, the GPU, its memory, TF32 and SDPA switches.
-- parity: our detector (`Detector.detect`) and SAM (`BoxSegmenter.embed` + `segment`, 5 boxes) in
-  fp32 on the CPU vs the same weights on CUDA, TF32 off (targets: boxes 1e-3, logits 1e-3
+- parity: our detector (`Detector.detect`) and SAM (`BoxSegmenter.embed` + `segment`, 5 boxes;
+  SAM as `build_sam` returns it, `accelerate_sam`: the CPU blocks there, SDPA on CUDA) in fp32
+  on the CPU vs the same weights on CUDA, TF32 off (targets: boxes 1e-3, logits 1e-3
   relative to 1 + the row's largest |logit|, SAM embedding 1e-3 relative to its largest |value|,
   mask IoU >= 0.99, >= 99% of the 900 selected image cells in common and >= 95% of the queries
   in the same slot), then again with TF32 on (reported, no target). Detector queries are compared
@@ -38,11 +39,11 @@ the run goes on; each has a share of `--budget` seconds, so the run stays within
   after a warm-up, and which one the dispatch picks; one line says which is faster on the device.
 - bench: medians of --runs interleaved rounds after one warm-up (CUDA synchronised around every
   call; peak GPU memory per stage): our detector vs transformers' `GroundingDinoForObjectDetection`
-  (eager, fp32 and bf16 autocast), SAM embedding `BoxSegmenter.embed` vs
-  `SamPredictor.set_image`, 5-box mask decoding vs `predict_torch`, "text -> masks" (a first
-  `GroundedSAM.run` on an uncached image, box threshold 0, max_detections=5: SwinT + --sam-variant)
-  in fp32, TF32, bf16 autocast (and fp32 and bf16 with accelerate_sam, SAM as `build_sam` returns
-  it, with its default mask blocks and with one SDPA call per block) vs the same chain from
+  (eager, fp32 and bf16 autocast), SAM embedding `BoxSegmenter.embed` (ours: SAM as `build_sam`
+  returns it) vs `SamPredictor.set_image` (segment_anything's own SAM), 5-box mask decoding vs
+  `predict_torch`, "text -> masks" (a first `GroundedSAM.run` on an uncached image, box
+  threshold 0, max_detections=5: SwinT + --sam-variant) in fp32, TF32, bf16 autocast (and fp32
+  and bf16 with accelerate_sam's whole mask in one SDPA call per block) vs the same chain from
   transformers + SamPredictor, and the app's request (run + drawing + COCO JSON). Targets:
   text -> masks <= 30 ms; detector >= 5x transformers eager fp32. Precisions: "fp32" is TF32
   off for matmuls and convolutions alike, "TF32" on for both (PyTorch's default lies between:

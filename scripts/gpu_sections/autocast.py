@@ -32,7 +32,7 @@ from segmentation.sam import BoxSegmenter
 def section_autocast(ctx: Context, report: Report, deadline: float) -> None:
     """bf16 / fp16 autocast vs fp32 on the device."""
     detector, n_tokens = ctx.detector, ctx.n_tokens()
-    segmenter = BoxSegmenter(ctx.sam)
+    segmenter = BoxSegmenter(ctx.our_sam())
     with precision(ctx.device, "fp32"):
         reference = detector.detect(ctx.pixels, CAPTION)
         ref_features, ref_masks, _ = sam_outputs(segmenter, ctx.image, ctx.boxes)
@@ -64,7 +64,7 @@ def section_autocast(ctx: Context, report: Report, deadline: float) -> None:
                     f" {name}'s {found}/{clear}",
                     f">= {AUTOCAST_MATCH:.0%} found both ways", m["share"] >= AUTOCAST_MATCH)
         with guarded(report, "autocast", f"SAM {name}"):
-            low_segmenter = BoxSegmenter(ctx.sam)
+            low_segmenter = BoxSegmenter(ctx.our_sam())
             with precision(ctx.device, name):
                 features, masks, _ = sam_outputs(low_segmenter, ctx.image, ctx.boxes)
             embed = relative_difference(features, ref_features)

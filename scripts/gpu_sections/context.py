@@ -85,6 +85,15 @@ class Context:
             self._fast = (models, "")
         return self._fast
 
+    def our_sam(self) -> torch.nn.Module:
+        """SAM as `segmentation.build_sam` returns it (`accelerate_sam`: SDPA attention off the
+        CPU, the CPU blocks of `segmentation.sam_block` on it): what "ours" runs. `sam` stays
+        segment_anything's own, for the peers."""
+        fast, why = self.fast_sams()
+        if "accelerate_sam" not in fast:
+            raise RuntimeError(f"accelerate_sam: {why}")
+        return fast["accelerate_sam"]
+
 
 def build_context(args: argparse.Namespace, device: torch.device, report: Report) -> Context:
     height, width = args.size or ((256, 384) if args.tiny else (800, 1200))

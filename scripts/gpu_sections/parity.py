@@ -35,13 +35,13 @@ def section_parity(ctx: Context, report: Report, deadline: float) -> None:
     cpu = torch.device("cpu")
     cpu_detector = Detector(copy.deepcopy(detector.model).to(cpu), detector.tokenizer, cpu,
                             image_size=detector.image_size, max_size=detector.max_size)
-    cpu_segmenter = BoxSegmenter(copy.deepcopy(ctx.sam).to(cpu))
+    cpu_segmenter = BoxSegmenter(copy.deepcopy(ctx.our_sam()).to(cpu))  # the CPU blocks
     start = time.perf_counter()
     reference = cpu_detector.detect(ctx.pixels.cpu(), CAPTION)
     ref_features, ref_masks, ref_scores = sam_outputs(cpu_segmenter, ctx.image, ctx.boxes)
     report.data["parity"] = {"cpu_seconds": time.perf_counter() - start}
     del cpu_detector, cpu_segmenter
-    segmenter = BoxSegmenter(ctx.sam)
+    segmenter = BoxSegmenter(ctx.our_sam())
     for mode in ("fp32", "tf32"):
         strict = mode == "fp32"
         label = "TF32 off" if strict else "TF32 on"

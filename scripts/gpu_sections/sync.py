@@ -76,7 +76,7 @@ def section_sync(ctx: Context, report: Report, deadline: float) -> None:
     if not ctx.cuda:
         report.skip("sync", "set_sync_debug_mode", "needs CUDA")
         return
-    detector, sam, device = ctx.detector, ctx.sam, ctx.device
+    detector, sam, device = ctx.detector, ctx.our_sam(), ctx.device
     segmenter = BoxSegmenter(sam)
     tokens = detector.tokenizer([CAPTION], padding="longest", return_tensors="pt")
     input_ids = tokens["input_ids"].to(device)
@@ -97,16 +97,13 @@ def section_sync(ctx: Context, report: Report, deadline: float) -> None:
         encoded = detector.model.encode_image(ctx.pixels)
         return detector.model.ground(encoded, input_ids, token_mask, text_masks=text_masks)
 
-    fast, _ = ctx.fast_sams()
-    fast_sam = fast.get("accelerate_sam")
-
     @torch.inference_mode()
-    def sam_encoder():
+    def sam_encoder():  # as build_sam returns it
         return sam.image_encoder(encoder_input)
 
     @torch.inference_mode()
-    def fast_sam_encoder():
-        return fast_sam.image_encoder(encoder_input)
+    def upstream_sam_encoder():
+        return ctx.sam.image_encoder(encoder_input)
 
     @torch.inference_mode()
     def sam_decoder():
@@ -118,11 +115,10 @@ def section_sync(ctx: Context, report: Report, deadline: float) -> None:
         return sam.postprocess_masks(low_res, predictor.input_size, (height, width)) > 0
 
     bare = [("detector encode_image + ground", detector_forward),
+            ("SAM image encoder (accelerate_sam)", sam_encoder),
             ("SAM prompt encoder + mask decoder + upscale", sam_decoder)]
-    if fast_sam is not None:  # the image encoder as build_sam returns it
-        bare.insert(1, ("SAM image encoder (accelerate_sam)", fast_sam_encoder))
     # segment_anything's own indexes its relative positions with a CPU arange (2 syncs a block)
-    upstream = [("SAM image encoder (segment_anything's)", sam_encoder)]
+    upstream = [("SAM image encoder (segment_anything's)", upstream_sam_encoder)]
     wrappers = [("Detector.detect (tokenizes, inputs to the GPU)",
                  lambda: detector.detect(ctx.pixels, CAPTION)),
                 ("Detector.infer (+ preprocessing, outputs to the CPU)",

@@ -25,8 +25,8 @@ the run goes on; each has a share of `--budget` seconds, so the run stays within
   `infer`, `embed`, `segment`, a first `GroundedSAM.run`: counted, the first call sites listed).
 - sdpa: which scaled_dot_product_attention kernels (flash, memory-efficient, cuDNN, math) run on
   SAM's global-attention shape, fp32 and bf16, with and without a float bias (SAM's relative
-  positions); and, when `segmentation/sam_attention.py` exists, `accelerate_sam(sam)` (SAM's
-  ViT attention through SDPA) against plain segment_anything: outputs, kernels used (profiler),
+  positions); and `accelerate_sam(sam)` (SAM's ViT attention through SDPA; also with the whole
+  mask in one call per block) against plain segment_anything: outputs, kernels used (profiler),
   embedding time.
 - deform: the two multi-scale deformable attention implementations of
   `grounding/deformable_attention.py`, `grid_sample_deformable_attention` (what

@@ -100,7 +100,7 @@ def section_bench(ctx: Context, report: Report, deadline: float) -> None:
                                                            fresh_run(ctx, s)))
                for name in precisions]
     # other settings of accelerate_sam (the whole mask in one SDPA call per block)
-    fast = {label: model for label, model in ctx.fast_sams()[0].items()
+    fast = {label: model for label, model in ctx.fast_sams().items()
             if label != "accelerate_sam"}
     for label, model in fast.items():
         fast_segmenter = BoxSegmenter(model)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
-import inspect
 import statistics
 import tempfile
 import time
@@ -24,6 +22,7 @@ import grounding
 from gpu_sections.report import Report
 from grounding.predictor import Detector
 from grounding.transforms import preprocess
+from segmentation.sam_attention import accelerate_sam
 
 CAPTION = peers.CAPTION
 TEXT_THRESHOLD = peers.TEXT_THRESHOLD
@@ -49,7 +48,7 @@ class Context:
     sam: torch.nn.Module
     hf_model: torch.nn.Module | None = None
     processor: object = None
-    _fast: tuple | None = None  # ({label: accelerated SAM}, why none)
+    _fast: dict[str, torch.nn.Module] | None = None  # {label: accelerated SAM}
 
     @property
     def cuda(self) -> bool:
@@ -58,41 +57,21 @@ class Context:
     def n_tokens(self) -> int:
         return len(self.detector.tokenizer(CAPTION)["input_ids"])
 
-    def fast_sams(self) -> tuple[dict[str, torch.nn.Module], str]:
-        """Copies of SAM with `segmentation.sam_attention.accelerate_sam` applied: its defaults
-        ("accelerate_sam") and, when it takes `bias_elements`, the whole mask in one SDPA call
-        per block ("accelerate_sam 1-call", bias_elements=0); or {} and why not. Built once."""
+    def fast_sams(self) -> dict[str, torch.nn.Module]:
+        """Copies of SAM through `accelerate_sam`: as `build_sam` returns it ("accelerate_sam")
+        and with the whole mask in one SDPA call per block ("accelerate_sam 1-call",
+        bias_elements=0). Built once."""
         if self._fast is None:
-            try:
-                module = importlib.import_module("segmentation.sam_attention")
-            except ModuleNotFoundError as error:
-                if error.name != "segmentation.sam_attention":
-                    raise
-                self._fast = ({}, "not available (no segmentation/sam_attention.py)")
-                return self._fast
-            accelerate = getattr(module, "accelerate_sam", None)
-            if accelerate is None:
-                raise AttributeError("segmentation.sam_attention has no accelerate_sam")
-            variants = {"accelerate_sam": {}}
-            if "bias_elements" in inspect.signature(accelerate).parameters:
-                variants["accelerate_sam 1-call"] = {"bias_elements": 0}
-            models = {}
-            for label, kwargs in variants.items():
-                model = copy.deepcopy(self.sam)
-                result = accelerate(model, **kwargs)  # in place, or returning the model
-                model = result if isinstance(result, torch.nn.Module) else model
-                models[label] = model.to(self.device).eval()
-            self._fast = (models, "")
+            settings = {"accelerate_sam": None, "accelerate_sam 1-call": 0}
+            self._fast = {label: accelerate_sam(copy.deepcopy(self.sam), bias_elements=elements)
+                          .to(self.device).eval() for label, elements in settings.items()}
         return self._fast
 
     def our_sam(self) -> torch.nn.Module:
         """SAM as `segmentation.build_sam` returns it (`accelerate_sam`: SDPA attention off the
         CPU, the CPU blocks of `segmentation.sam_block` on it): what "ours" runs. `sam` stays
         segment_anything's own, for the peers."""
-        fast, why = self.fast_sams()
-        if "accelerate_sam" not in fast:
-            raise RuntimeError(f"accelerate_sam: {why}")
-        return fast["accelerate_sam"]
+        return self.fast_sams()["accelerate_sam"]
 
 
 def build_context(args: argparse.Namespace, device: torch.device, report: Report) -> Context:

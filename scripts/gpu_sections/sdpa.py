@@ -52,10 +52,7 @@ def section_sdpa(ctx: Context, report: Report, deadline: float) -> None:
         ops = sdpa_ops(lambda: sam_outputs(segmenter, ctx.image, ctx.boxes))
         report.add("sdpa", "plain segment_anything: SDPA kernels used (embed + segment)",
                    describe_ops(ops))
-    fast, why = ctx.fast_sams()
-    if not fast:
-        report.add("sdpa", "accelerate_sam (segmentation/sam_attention.py)", why)
-        return
+    fast = ctx.fast_sams()
     plain_segmenter = BoxSegmenter(ctx.sam)
     segmenters = {label: BoxSegmenter(model) for label, model in fast.items()}
     with precision(ctx.device, "fp32"):
